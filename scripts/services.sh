@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Install (if missing) and start (if down), on loopback only, everything mikkoo and its
+# tests need: PostgreSQL 15 with the pgq extension, the pgqd ticker daemon, and RabbitMQ.
+#
+# Idempotent: running it again on a machine where everything is up changes nothing.
+# Meant for a Debian 12 machine, run as root (as CI and the quick start do).
+set -euo pipefail
+
+PG_VERSION=15
+PG_PORT=5432
+PGQD_CONF=/etc/pgqd-mikkoo.ini
+PGQD_LOG=/var/log/postgresql/pgqd-mikkoo.log
+PGQD_PID=/run/postgresql/pgqd-mikkoo.pid
+
+log() { printf 'services: %s\n' "$*" >&2; }
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    log "must run as root (it installs packages and starts servers)"
+    exit 1
+  fi
+}
+
+apt_updated=0
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ $apt_updated -eq 0 ]; then
+    log "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
+  log "installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local seconds=$1 what=$2
+  shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then
+      log "$what did not come up within ${seconds}s"
+      exit 1
+    fi
+    sleep 0.5
+  done
+}
+
+postgres_up() { pg_isready -q -h 127.0.0.1 -p "$PG_PORT"; }
+
+start_postgres() {
+  apt_install "postgresql-$PG_VERSION" "postgresql-$PG_VERSION-pgq3" pgqd openssl
+  if ! pg_lsclusters -h 2>/dev/null | awk '{print $1" "$2}' | grep -q "^$PG_VERSION main$"; then
+    log "creating PostgreSQL $PG_VERSION cluster"
+    pg_createcluster "$PG_VERSION" main --port "$PG_PORT" >/dev/null
+  fi
+  local conf_dir=/etc/postgresql/$PG_VERSION/main
+  # Loopback only, trust auth for local tests (the machine's own setup uses the same).
+  if ! grep -q '^# mikkoo services' "$conf_dir/pg_hba.conf"; then
+    log "allowing trust auth on loopback"
+    local tmp
+    tmp=$(mktemp)
+    {
+      echo '# mikkoo services: trust on loopback for local development and tests'
+      echo 'local all all trust'
+      echo 'host all all 127.0.0.1/32 trust'
+      echo 'host all all ::1/128 trust'
+      cat "$conf_dir/pg_hba.conf"
+    } >"$tmp"
+    cat "$tmp" >"$conf_dir/pg_hba.conf"
+    rm -f "$tmp"
+    postgres_up && pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main reload
+  fi
+  if ! grep -q "^listen_addresses = 'localhost'" "$conf_dir/postgresql.conf" \
+    && ! grep -q "^listen_addresses" "$conf_dir/conf.d/"*.conf 2>/dev/null; then
+    echo "listen_addresses = 'localhost'" >"$conf_dir/conf.d/mikkoo-listen.conf"
+  fi
+  if ! postgres_up; then
+    log "starting PostgreSQL $PG_VERSION"
+    pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main start
+  fi
+  wait_for 60 PostgreSQL postgres_up
+  # pgq lives per database; the relay creates it nowhere by itself (it is a schema change),
+  # so the databases the tests and the quick start use get it here.
+  for db in postgres; do
+    PGOPTIONS='-c client_min_messages=warning' psql -q -h 127.0.0.1 -U postgres -d "$db" -c 'CREATE EXTENSION IF NOT EXISTS pgq' >/dev/null
+  done
+}
+
+pgqd_up() { [ -f "$PGQD_PID" ] && kill -0 "$(cat "$PGQD_PID")" 2>/dev/null; }
+
+start_pgqd() {
+  if [ ! -f "$PGQD_CONF" ]; then
+    cat >"$PGQD_CONF" <<INI
+; written by mikkoo's scripts/services.sh
+[pgqd]
+base_connstr = host=127.0.0.1 port=$PG_PORT user=postgres
+initial_database = postgres
+logfile = $PGQD_LOG
+pidfile = $PGQD_PID
+INI
+  fi
+  if ! pgqd_up; then
+    log "starting pgqd"
+    mkdir -p "$(dirname "$PGQD_PID")"
+    chown postgres:postgres "$(dirname "$PGQD_PID")" 2>/dev/null || true
+    rm -f "$PGQD_PID"
+    pgqd -d "$PGQD_CONF"
+    wait_for 20 pgqd pgqd_up
+  fi
+}
+
+rabbit_up() { rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1; }
+
+start_rabbitmq() {
+  apt_install rabbitmq-server
+  local env_file=/etc/rabbitmq/rabbitmq-env.conf conf_file=/etc/rabbitmq/rabbitmq.conf
+  if ! grep -q 'NODENAME=rabbit@localhost' "$env_file" 2>/dev/null; then
+    log "configuring RabbitMQ for loopback"
+    cat >"$env_file" <<'ENV'
+NODENAME=rabbit@localhost
+ERL_EPMD_ADDRESS=127.0.0.1
+export ERL_FLAGS="-kernel inet_dist_use_interface {127,0,0,1}"
+ENV
+  fi
+  if ! grep -q '^listeners.tcp' "$conf_file" 2>/dev/null; then
+    echo 'listeners.tcp.local = 127.0.0.1:5672' >>"$conf_file"
+  fi
+  if ! rabbitmqctl -q status >/dev/null 2>&1; then
+    log "starting RabbitMQ"
+    rabbitmq-server -detached
+    wait_for 120 "RabbitMQ node" rabbitmqctl -q status
+  fi
+  # The node can run with the app stopped (a test may have called stop_app and died).
+  if ! rabbit_up; then
+    rabbitmqctl -q start_app >/dev/null 2>&1 || true
+  fi
+  wait_for 120 "RabbitMQ on 127.0.0.1:5672" rabbit_up
+}
+
+need_root
+start_postgres
+start_pgqd
+start_rabbitmq
+log "ready: PostgreSQL on 127.0.0.1:$PG_PORT (pgq), pgqd, RabbitMQ on 127.0.0.1:5672"

@@ -1,0 +1,473 @@
+//! The RabbitMQ side: one connection and one publishing channel per worker.
+//!
+//! [`Broker::connect`] tries each configured host in order (TLS through OpenSSL when
+//! `ssl_options` is set), names the connection `mikkoo <queue> <host>` so operators can
+//! find it, turns on publisher confirms, and watches for `connection.blocked`. lapin's
+//! own auto-recovery stays off: the worker decides what to publish again after a
+//! failure, so reconnecting is its business too.
+//!
+//! Publishing returns lapin's confirm future; [`Outcome::of`] names what the broker
+//! answered (acked, nacked, returned, channel closed, connection lost) and leaves the
+//! decision to the worker.
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::AMQPErrorKind;
+use lapin::tcp::AsyncTcpStream;
+use lapin::types::LongString;
+use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, PublisherConfirm};
+use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::watch;
+
+use crate::config::{RabbitmqConfig, TlsOptions};
+use crate::mapping::Message;
+
+/// Why the broker could not be reached or used.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    /// No host accepted a connection.
+    #[error("cannot connect to RabbitMQ at {target}: {reason}")]
+    Connect {
+        /// `host:port` tried last.
+        target: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The TLS settings could not be applied.
+    #[error("RabbitMQ TLS: {0}")]
+    Tls(String),
+    /// The connection or channel failed while in use.
+    #[error("RabbitMQ {what} failed: {source}")]
+    Protocol {
+        /// What was being done.
+        what: &'static str,
+        /// What lapin said.
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+/// What the broker answered for one published message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Confirmed (or written, when confirms are off).
+    Acked,
+    /// The broker refused it.
+    Nacked,
+    /// Unroutable and returned (mandatory), e.g. `NO_ROUTE`.
+    Returned {
+        /// AMQP reply code (312 for NO_ROUTE).
+        reply_code: u16,
+        /// The broker's text.
+        reply_text: String,
+    },
+    /// The broker closed the channel (e.g. the exchange does not exist). The message
+    /// that caused it is not known from this alone.
+    ChannelClosed {
+        /// The broker's reply text and code, when it sent one.
+        reason: String,
+    },
+    /// The connection is gone; nothing unconfirmed can be trusted.
+    ConnectionLost {
+        /// What happened.
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// Waits for a published message's confirm and names the answer.
+    pub async fn of(confirm: PublisherConfirm) -> Outcome {
+        Self::from_result(confirm.await)
+    }
+
+    /// Names a confirm result.
+    pub fn from_result(result: lapin::Result<Confirmation>) -> Outcome {
+        match result {
+            Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Outcome::Acked,
+            Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) => Outcome::Returned {
+                reply_code: returned.reply_code,
+                reply_text: returned.reply_text.to_string(),
+            },
+            Ok(Confirmation::Nack(None)) => Outcome::Nacked,
+            Err(error) => Self::from_error(&error),
+        }
+    }
+
+    /// Names a failed publish or confirm.
+    pub fn from_error(error: &lapin::Error) -> Outcome {
+        match error.kind() {
+            ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_)) => {
+                Outcome::ChannelClosed {
+                    reason: format!("{} (reply code {})", amqp.get_message(), amqp.get_id()),
+                }
+            }
+            ErrorKind::InvalidChannelState(..) | ErrorKind::InvalidChannel(_) => Outcome::ChannelClosed {
+                reason: error.to_string(),
+            },
+            _ => Outcome::ConnectionLost {
+                reason: error.to_string(),
+            },
+        }
+    }
+}
+
+/// One worker's connection and publishing channel.
+pub struct Broker {
+    connection: Connection,
+    channel: Channel,
+    confirm: bool,
+    /// `host:port` this connection went to, for logs.
+    address: String,
+    /// `Some(reason)` while the broker has blocked the connection (resource alarm).
+    blocked: watch::Receiver<Option<String>>,
+    /// `Some(reason)` once the connection has failed.
+    failed: watch::Receiver<Option<String>>,
+    /// Forwards lapin's connection events into the two watches above.
+    events: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.events.abort();
+    }
+}
+
+impl Broker {
+    /// Connects to the first host that answers, opens the publishing channel and (when
+    /// `confirm`) turns on publisher confirms.
+    pub async fn connect(config: &RabbitmqConfig, queue: &str, confirm: bool) -> Result<Broker, AmqpError> {
+        let mut last_error = None;
+        for host in &config.hosts {
+            match tokio::time::timeout(
+                config.connect_timeout,
+                Self::connect_host(config, host, queue, confirm),
+            )
+            .await
+            {
+                Ok(Ok(broker)) => return Ok(broker),
+                Ok(Err(error)) => last_error = Some(error),
+                Err(_) => {
+                    last_error = Some(AmqpError::Connect {
+                        target: format!("{host}:{}", config.port),
+                        reason: format!("no answer within {:?}", config.connect_timeout),
+                    });
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| AmqpError::Connect {
+            target: "(no host configured)".to_owned(),
+            reason: "rabbitmq.host is empty".to_owned(),
+        }))
+    }
+
+    async fn connect_host(
+        config: &RabbitmqConfig,
+        host: &str,
+        queue: &str,
+        confirm: bool,
+    ) -> Result<Broker, AmqpError> {
+        let address = format!("{host}:{}", config.port);
+        let connect_error = |reason: String| AmqpError::Connect {
+            target: address.clone(),
+            reason,
+        };
+        let addresses: Vec<SocketAddr> = tokio::net::lookup_host((host, config.port))
+            .await
+            .map_err(|error| connect_error(format!("cannot resolve {host}: {error}")))?
+            .collect();
+        let tls = match &config.tls {
+            Some(options) => Some((
+                tls_connector(options)?,
+                options.server_name.clone().unwrap_or_else(|| host.to_owned()),
+            )),
+            None => None,
+        };
+        let uri = amqp_uri(config, host);
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!("mikkoo {queue} {host}")));
+        let runtime = lapin::runtime::default_runtime().map_err(|error| connect_error(error.to_string()))?;
+        let connection = Connection::connector(
+            uri,
+            runtime,
+            async move |_uri, runtime| {
+                let stream = AsyncTcpStream::connect(&runtime, addresses.clone()).await?;
+                match &tls {
+                    Some((connector, server_name)) => Ok(stream.into_openssl(connector, server_name).await?),
+                    None => Ok(stream),
+                }
+            },
+            properties,
+        )
+        .await
+        .map_err(|error| connect_error(describe_connect_error(&error)))?;
+
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|source| AmqpError::Protocol {
+                what: "channel.open",
+                source,
+            })?;
+        if confirm {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|source| AmqpError::Protocol {
+                    what: "confirm.select",
+                    source,
+                })?;
+        }
+        let (blocked_tx, blocked) = watch::channel(None);
+        let (failed_tx, failed) = watch::channel(None);
+        let events = tokio::spawn(forward_events(
+            connection.events_listener(),
+            blocked_tx,
+            failed_tx,
+        ));
+        Ok(Broker {
+            connection,
+            channel,
+            confirm,
+            address,
+            blocked,
+            failed,
+            events,
+        })
+    }
+
+    /// `host:port` of the broker this connection went to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Publishes one message. The returned future resolves to the broker's answer
+    /// (immediately when confirms are off). An `Err` means the channel or connection
+    /// could not take the message at all.
+    pub async fn publish(
+        &self,
+        message: &Message,
+        body: &[u8],
+        mandatory: bool,
+    ) -> Result<PublisherConfirm, lapin::Error> {
+        self.channel
+            .basic_publish(
+                message.exchange.clone(),
+                message.routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory,
+                    immediate: false,
+                },
+                body,
+                message.properties.clone(),
+            )
+            .await
+    }
+
+    /// Replaces a channel the broker closed with a fresh one on the same connection.
+    pub async fn reopen_channel(&mut self) -> Result<(), AmqpError> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(|source| AmqpError::Protocol {
+                what: "channel.open",
+                source,
+            })?;
+        if self.confirm {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|source| AmqpError::Protocol {
+                    what: "confirm.select",
+                    source,
+                })?;
+        }
+        self.channel = channel;
+        Ok(())
+    }
+
+    /// Why the broker blocked the connection, while it does.
+    pub fn blocked_reason(&self) -> Option<String> {
+        self.blocked.borrow().clone()
+    }
+
+    /// Waits until the broker unblocks the connection (returns at once when it is not
+    /// blocked) or the connection fails.
+    pub async fn wait_unblocked(&mut self) {
+        let mut failed = self.failed.clone();
+        tokio::select! {
+            _ = self.blocked.wait_for(Option::is_none) => {}
+            _ = failed.wait_for(Option::is_some) => {}
+        }
+    }
+
+    /// Why the connection failed, once it has.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
+
+    /// True while the connection is usable.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected() && self.failed.borrow().is_none()
+    }
+
+    /// Closes the connection politely (best effort).
+    pub async fn close(self) {
+        if self.connection.status().connected() {
+            let _ = self.connection.close(200, "mikkoo stopping".into()).await;
+        }
+    }
+}
+
+async fn forward_events(
+    events: impl futures_util::Stream<Item = lapin::Event>,
+    blocked: watch::Sender<Option<String>>,
+    failed: watch::Sender<Option<String>>,
+) {
+    use futures_util::StreamExt;
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            lapin::Event::ConnectionBlocked(reason) => {
+                tracing::warn!(%reason, "rabbitmq blocked the connection; publishing paused");
+                blocked.send_replace(Some(reason));
+            }
+            lapin::Event::ConnectionUnblocked => {
+                tracing::info!("rabbitmq unblocked the connection; publishing resumes");
+                blocked.send_replace(None);
+            }
+            lapin::Event::Error(error) => {
+                failed.send_replace(Some(error.to_string()));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn amqp_uri(config: &RabbitmqConfig, host: &str) -> AMQPUri {
+    AMQPUri {
+        scheme: if config.tls.is_some() {
+            AMQPScheme::AMQPS
+        } else {
+            AMQPScheme::AMQP
+        },
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo {
+                username: config.username.clone(),
+                password: config.password.expose().to_owned(),
+            },
+            host: host.to_owned(),
+            port: config.port,
+        },
+        vhost: config.vhost.clone(),
+        query: AMQPQueryString {
+            frame_max: Some(config.frame_max),
+            heartbeat: Some(u16::try_from(config.heartbeat.as_secs()).unwrap_or(u16::MAX)),
+            connection_timeout: Some(u64::try_from(config.connect_timeout.as_millis()).unwrap_or(u64::MAX)),
+            ..AMQPQueryString::default()
+        },
+    }
+}
+
+/// Turns lapin's connect errors into words an operator can act on.
+fn describe_connect_error(error: &lapin::Error) -> String {
+    match error.kind() {
+        ErrorKind::ProtocolError(amqp) => {
+            format!(
+                "{} (reply code {}); check the user name, password and vhost",
+                amqp.get_message(),
+                amqp.get_id()
+            )
+        }
+        _ => error.to_string(),
+    }
+}
+
+/// Builds the OpenSSL connector for `ssl_options` (OpenSSL semantics throughout).
+pub fn tls_connector(options: &TlsOptions) -> Result<SslConnector, AmqpError> {
+    let fail = |what: String, error: openssl::error::ErrorStack| AmqpError::Tls(format!("{what}: {error}"));
+    let mut builder = SslConnector::builder(SslMethod::tls_client()).map_err(|e| fail("setup".into(), e))?;
+    let has_ca = options.ca_certs.is_some() || options.ca_path.is_some() || options.ca_data.is_some();
+    if !has_ca {
+        builder
+            .set_default_verify_paths()
+            .map_err(|e| fail("cannot load the system trust store".into(), e))?;
+    }
+    if let Some(file) = &options.ca_certs {
+        builder
+            .set_ca_file(file)
+            .map_err(|e| fail(format!("cannot load ca_certs {}", file.display()), e))?;
+    }
+    if let Some(dir) = &options.ca_path {
+        let lookup = builder
+            .cert_store_mut()
+            .add_lookup(openssl::x509::store::X509Lookup::hash_dir())
+            .map_err(|e| fail("setup".into(), e))?;
+        let dir_text = dir
+            .to_str()
+            .ok_or_else(|| AmqpError::Tls(format!("ca_path {} is not valid UTF-8", dir.display())))?;
+        lookup
+            .add_dir(dir_text, SslFiletype::PEM)
+            .map_err(|e| fail(format!("cannot use ca_path {}", dir.display()), e))?;
+    }
+    if let Some(pem) = &options.ca_data {
+        let certificates = openssl::x509::X509::stack_from_pem(pem.as_bytes())
+            .map_err(|e| fail("cannot parse ca_data".into(), e))?;
+        for certificate in certificates {
+            builder
+                .cert_store_mut()
+                .add_cert(certificate)
+                .map_err(|e| fail("cannot add ca_data".into(), e))?;
+        }
+    }
+    if let Some(certfile) = &options.certfile {
+        builder
+            .set_certificate_chain_file(certfile)
+            .map_err(|e| fail(format!("cannot load certfile {}", certfile.display()), e))?;
+        let keyfile = options.keyfile.as_ref().unwrap_or(certfile);
+        let key_pem = std::fs::read(keyfile)
+            .map_err(|error| AmqpError::Tls(format!("cannot read keyfile {}: {error}", keyfile.display())))?;
+        let key = match &options.password {
+            Some(password) => {
+                openssl::pkey::PKey::private_key_from_pem_passphrase(&key_pem, password.expose().as_bytes())
+            }
+            None => openssl::pkey::PKey::private_key_from_pem(&key_pem),
+        }
+        .map_err(|e| {
+            fail(
+                format!("cannot load keyfile {} (wrong password?)", keyfile.display()),
+                e,
+            )
+        })?;
+        builder.set_private_key(&key).map_err(|e| {
+            fail(
+                format!("keyfile {} does not match certfile", keyfile.display()),
+                e,
+            )
+        })?;
+        builder.check_private_key().map_err(|e| {
+            fail(
+                format!("keyfile {} does not match certfile", keyfile.display()),
+                e,
+            )
+        })?;
+    }
+    if let Some(ciphers) = &options.ciphers {
+        builder
+            .set_cipher_list(ciphers)
+            .map_err(|e| fail(format!("invalid ciphers {ciphers:?}"), e))?;
+    }
+    builder.set_verify(if options.verify {
+        SslVerifyMode::PEER
+    } else {
+        SslVerifyMode::NONE
+    });
+    Ok(builder.build())
+}
+
+/// How long to wait for a confirm before treating the channel as broken. A healthy
+/// broker confirms in milliseconds even when fsyncing; a minute of silence means the
+/// connection is dead in a way TCP has not noticed yet.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,0 +1,122 @@
+//! The `mikkoo` binary: parse the command line, load the configuration, detach (before
+//! any thread exists), set up logging, run, and turn the result into an exit status.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use mikkoo::cli::{Cli, Command};
+use mikkoo::config::Config;
+use mikkoo::logging::{self, LogOverrides};
+use mikkoo::{app, check, daemon, host, schema};
+
+/// Exit status for usage and configuration errors.
+const EXIT_CONFIG: u8 = 2;
+/// Exit status for any other fatal error.
+const EXIT_FATAL: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Sql) => {
+            print!("{}", schema::MIKKOO_SQL);
+            ExitCode::SUCCESS
+        }
+        Some(Command::Check { connect }) => check_config(&cli, connect),
+        None => run(&cli),
+    }
+}
+
+fn load(cli: &Cli) -> Result<Config, ExitCode> {
+    match Config::load(&cli.config) {
+        Ok(config) => Ok(config),
+        Err(errors) => {
+            eprintln!("{errors}");
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
+}
+
+fn check_config(cli: &Cli, connect: bool) -> ExitCode {
+    let config = match load(cli) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+    print!("{}", check::summary(&config));
+    if !connect {
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return fatal(&format!("cannot start the async runtime: {error}")),
+    };
+    let (report, all_ok) = runtime.block_on(check::connect_all(&config));
+    print!("{report}");
+    if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("mikkoo: some servers could not be reached (see above)");
+        ExitCode::from(EXIT_FATAL)
+    }
+}
+
+fn run(cli: &Cli) -> ExitCode {
+    let config = match load(cli) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let overrides = LogOverrides {
+        level: cli.log_level.map(|level| level.filter()),
+        filter: std::env::var("MIKKOO_LOG").ok().filter(|f| !f.trim().is_empty()),
+        format: cli.log_format,
+    };
+    // Logging first, while the terminal is attached: a log file that cannot be opened
+    // is reported there. Its file descriptors survive detaching.
+    let log = match logging::init(&config.logging, overrides, cli.foreground) {
+        Ok(log) => log,
+        Err(error) => {
+            eprintln!("mikkoo: cannot set up logging: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let _pidfile = if cli.foreground {
+        None
+    } else {
+        if config
+            .logging
+            .handlers
+            .iter()
+            .all(|h| h.debug_only || h.target == mikkoo::config::LogTarget::Stderr)
+        {
+            eprintln!(
+                "mikkoo: warning: no file or syslog handler in Logging; the daemon's log lines are discarded"
+            );
+        }
+        match daemon::detach(&config.daemon) {
+            Ok(pidfile) => pidfile,
+            Err(error) => return fatal(&error.to_string()),
+        }
+    };
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let origin = config.application.origin.clone().unwrap_or_else(host::fqdn);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config.file.display(), origin = %origin, "mikkoo starting");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => return fatal(&format!("cannot start the async runtime: {error}")),
+    };
+    match runtime.block_on(app::run(config, origin, Some(log))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fatal(&error.to_string()),
+    }
+}
+
+fn fatal(message: &str) -> ExitCode {
+    tracing::error!("{message}");
+    eprintln!("mikkoo: {message}");
+    ExitCode::from(EXIT_FATAL)
+}

@@ -1,0 +1,323 @@
+//! Relaying one batch: read its events in chunks, publish them in `ev_id` order with up
+//! to `max_in_flight` unconfirmed, settle each one, then finish the batch.
+//!
+//! When the broker closes the channel (an exchange that does not exist, a permission
+//! refused) the culprit is not known: every unconfirmed event is a suspect. A new channel
+//! is opened and the suspects are published again one at a time, waiting for each
+//! confirm, so the one that closes the channel again is the one that fails; the others
+//! are confirmed (some of them a second time, with the same `message_id`). Then
+//! pipelining resumes. The worker never stalls on a bad event.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Instant;
+
+use lapin::PublisherConfirm;
+
+use super::progress::BatchProgress;
+use super::settle::{Settlement, publish_one};
+use crate::amqp::{Broker, CONFIRM_TIMEOUT, Outcome};
+use crate::config::WorkerConfig;
+use crate::error::WorkerError;
+use crate::event::Event;
+use crate::mapping::{self, MessageDefaults};
+use crate::pgq::{Batch, BatchTransaction, PgqSession};
+use crate::stats::WorkerStats;
+
+/// At most this many distinct ignored `ev_extra3` keys are remembered for logging once.
+const IGNORED_KEYS_REMEMBERED: usize = 1000;
+
+/// A published message waiting for its confirm.
+struct InFlight {
+    event: Event,
+    confirm: PublisherConfirm,
+}
+
+/// Everything relaying a batch needs from its worker.
+pub(super) struct BatchRelay<'a> {
+    pub config: &'a WorkerConfig,
+    pub defaults: &'a MessageDefaults,
+    pub stats: &'a WorkerStats,
+    pub broker: &'a mut Broker,
+    pub progress: &'a mut BatchProgress,
+    pub ignored_keys: &'a mut HashSet<String>,
+}
+
+/// Counts of one relayed batch, for the debug log line.
+#[derive(Debug, Default)]
+pub(super) struct BatchSummary {
+    pub events: u64,
+    pub published: u64,
+    pub already_confirmed: u64,
+}
+
+impl BatchRelay<'_> {
+    /// Relays `batch` and finishes it.
+    pub async fn relay(
+        mut self,
+        session: &mut PgqSession,
+        batch: &Batch,
+    ) -> Result<BatchSummary, WorkerError> {
+        let started = Instant::now();
+        self.progress.start(batch.id);
+        let mut transaction = session.open_batch(batch, self.config.fetch_size).await?;
+        let mut window = Window::default();
+        let mut settlement = Settlement::default();
+        let mut summary = BatchSummary::default();
+        loop {
+            let chunk = transaction.next_chunk().await?;
+            if chunk.is_empty() {
+                break;
+            }
+            for event in chunk {
+                summary.events += 1;
+                if self.progress.is_confirmed(event.ev_id) {
+                    summary.already_confirmed += 1;
+                    continue;
+                }
+                self.relay_event(event, &mut window, &mut settlement).await?;
+                summary.published += 1;
+            }
+            if settlement.should_flush() {
+                self.drain(&mut window, &mut settlement).await?;
+                settlement.flush(self.config, &transaction, self.broker).await?;
+            }
+        }
+        self.drain(&mut window, &mut settlement).await?;
+        self.finish(transaction, settlement, started).await?;
+        Ok(summary)
+    }
+
+    async fn finish(
+        &mut self,
+        transaction: BatchTransaction<'_>,
+        mut settlement: Settlement,
+        started: Instant,
+    ) -> Result<(), WorkerError> {
+        settlement.flush(self.config, &transaction, self.broker).await?;
+        transaction.finish().await?;
+        self.progress.finished();
+        settlement.totals.record(self.stats);
+        self.stats.batches.add(1);
+        tracing::debug!(queue = %self.config.queue, elapsed = ?started.elapsed(), "batch finished");
+        Ok(())
+    }
+
+    async fn relay_event(
+        &mut self,
+        event: Event,
+        window: &mut Window,
+        settlement: &mut Settlement,
+    ) -> Result<(), WorkerError> {
+        let message = match mapping::build_message(&event, self.defaults) {
+            Ok(mapped) => {
+                self.note_ignored_keys(&event, mapped.ignored_properties);
+                mapped.message
+            }
+            Err(rejection) => {
+                settlement.rejected(&self.config.queue, event, rejection.to_string());
+                return Ok(());
+            }
+        };
+        while window.len() >= self.config.max_in_flight {
+            self.settle_oldest(window, settlement).await?;
+        }
+        if self.broker.blocked_reason().is_some() {
+            self.broker.wait_unblocked().await;
+        }
+        match self
+            .broker
+            .publish(&message, event.body(), self.config.mandatory)
+            .await
+        {
+            Ok(confirm) => {
+                window.push(InFlight { event, confirm });
+                self.stats.set_in_flight(window.len());
+                Ok(())
+            }
+            Err(error) => {
+                // The channel refused the message outright: it was closed by an earlier
+                // publish, or the connection is gone.
+                let outcome = Outcome::from_error(&error);
+                let mut suspects = window.take_events();
+                suspects.push(event);
+                self.after_channel_failure(outcome, suspects, settlement).await
+            }
+        }
+    }
+
+    /// Waits for the oldest unconfirmed message and settles it.
+    async fn settle_oldest(
+        &mut self,
+        window: &mut Window,
+        settlement: &mut Settlement,
+    ) -> Result<(), WorkerError> {
+        let Some(flight) = window.pop() else {
+            return Ok(());
+        };
+        let outcome = await_confirm(flight.confirm).await;
+        self.stats.set_in_flight(window.len());
+        match outcome {
+            Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. } => {
+                let mut suspects = vec![flight.event];
+                suspects.extend(window.take_events());
+                self.after_channel_failure(outcome, suspects, settlement).await
+            }
+            settled => {
+                self.settle(flight.event, settled, settlement);
+                Ok(())
+            }
+        }
+    }
+
+    /// Settles every unconfirmed message.
+    async fn drain(&mut self, window: &mut Window, settlement: &mut Settlement) -> Result<(), WorkerError> {
+        while !window.is_empty() {
+            self.settle_oldest(window, settlement).await?;
+        }
+        Ok(())
+    }
+
+    /// Records an ack, nack or return for `event`.
+    fn settle(&mut self, event: Event, outcome: Outcome, settlement: &mut Settlement) {
+        match outcome {
+            Outcome::Acked => {
+                self.progress.confirmed(event.ev_id);
+                self.stats.processed.add(1);
+                self.stats.progressed();
+            }
+            Outcome::Nacked => {
+                self.stats.failed.add(1);
+                self.stats.nacked.add(1);
+                settlement.failed(
+                    &self.config.queue,
+                    event,
+                    "NACK: the broker refused the message".to_owned(),
+                );
+            }
+            Outcome::Returned {
+                reply_code,
+                reply_text,
+            } => {
+                self.stats.failed.add(1);
+                self.stats.returned.add(1);
+                let reason = format!(
+                    "{reply_text} (reply code {reply_code}): the broker could not route the message \
+                     (exchange {:?}, routing key {:?})",
+                    event.ev_extra1.as_deref().unwrap_or(""),
+                    event.ev_type.as_deref().unwrap_or("")
+                );
+                settlement.failed(&self.config.queue, event, reason);
+            }
+            Outcome::ChannelClosed { reason } | Outcome::ConnectionLost { reason } => {
+                self.stats.failed.add(1);
+                settlement.failed(&self.config.queue, event, reason);
+            }
+        }
+    }
+
+    /// The channel or connection failed with `suspects` unconfirmed (in `ev_id` order).
+    async fn after_channel_failure(
+        &mut self,
+        outcome: Outcome,
+        suspects: Vec<Event>,
+        settlement: &mut Settlement,
+    ) -> Result<(), WorkerError> {
+        self.stats.set_in_flight(0);
+        let reason = match outcome {
+            Outcome::ChannelClosed { reason } => reason,
+            Outcome::ConnectionLost { reason } => return Err(WorkerError::BrokerLost { reason }),
+            settled => {
+                return Err(WorkerError::BrokerLost {
+                    reason: format!("unexpected broker answer {settled:?} for a failed channel"),
+                });
+            }
+        };
+        tracing::warn!(
+            queue = %self.config.queue,
+            %reason,
+            unconfirmed = suspects.len(),
+            "rabbitmq closed the channel; publishing the unconfirmed events again one at a time"
+        );
+        self.broker.reopen_channel().await?;
+        for event in suspects {
+            self.publish_alone(event, settlement).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes one suspect and waits for its answer; a channel it closes is its fault.
+    async fn publish_alone(&mut self, event: Event, settlement: &mut Settlement) -> Result<(), WorkerError> {
+        let message = match mapping::build_message(&event, self.defaults) {
+            Ok(mapped) => mapped.message,
+            Err(rejection) => {
+                settlement.rejected(&self.config.queue, event, rejection.to_string());
+                return Ok(());
+            }
+        };
+        let outcome = publish_one(self.broker, &message, event.body()).await;
+        match outcome {
+            Outcome::ConnectionLost { reason } => Err(WorkerError::BrokerLost { reason }),
+            Outcome::ChannelClosed { .. } => {
+                self.settle(event, outcome, settlement);
+                self.broker.reopen_channel().await?;
+                Ok(())
+            }
+            settled => {
+                self.settle(event, settled, settlement);
+                Ok(())
+            }
+        }
+    }
+
+    fn note_ignored_keys(&mut self, event: &Event, keys: Vec<String>) {
+        for key in keys {
+            if self.ignored_keys.len() < IGNORED_KEYS_REMEMBERED && self.ignored_keys.insert(key.clone()) {
+                tracing::warn!(
+                    queue = %self.config.queue,
+                    ev_id = event.ev_id,
+                    key = %key,
+                    "ev_extra3 key is not an AMQP property; ignored (logged once per key)"
+                );
+            }
+        }
+    }
+}
+
+/// Waits for a confirm, treating a silent broker as a broken connection.
+async fn await_confirm(confirm: PublisherConfirm) -> Outcome {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, Outcome::of(confirm)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::ConnectionLost {
+            reason: format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"),
+        },
+    }
+}
+
+/// Unconfirmed messages, oldest first.
+#[derive(Default)]
+struct Window {
+    flights: VecDeque<InFlight>,
+}
+
+impl Window {
+    fn len(&self) -> usize {
+        self.flights.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.flights.is_empty()
+    }
+
+    fn push(&mut self, flight: InFlight) {
+        self.flights.push_back(flight);
+    }
+
+    fn pop(&mut self) -> Option<InFlight> {
+        self.flights.pop_front()
+    }
+
+    /// Empties the window, dropping the confirm futures (their channel is gone).
+    fn take_events(&mut self) -> Vec<Event> {
+        self.flights.drain(..).map(|flight| flight.event).collect()
+    }
+}
