@@ -142,7 +142,14 @@ ENV
   wait_for 120 "RabbitMQ on 127.0.0.1:5672" rabbit_up
 }
 
+install_build_dependencies() {
+  # What building mikkoo needs besides the Rust toolchain: OpenSSL headers for the
+  # TLS connectors, and the clients the scripts use.
+  apt_install pkg-config libssl-dev gcc postgresql-client-$PG_VERSION
+}
+
 need_root
+install_build_dependencies
 start_postgres
 start_pgqd
 start_rabbitmq

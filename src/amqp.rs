@@ -338,7 +338,9 @@ async fn forward_events(
                 tracing::info!("rabbitmq unblocked the connection; publishing resumes");
                 blocked.send_replace(None);
             }
-            lapin::Event::Error(error) => {
+            // Channel-level (soft) errors are settled per event by the worker; only a
+            // connection-level failure makes the connection unusable.
+            lapin::Event::Error(error) if !error.is_amqp_soft_error() => {
                 failed.send_replace(Some(error.to_string()));
             }
             _ => {}

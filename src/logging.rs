@@ -74,8 +74,15 @@ pub fn directives(logging: &LoggingConfig) -> String {
             parts.push(format!("{target}={}", level_name(*level)));
         }
     }
-    if !mikkoo_set && logging.root_level.is_none() {
-        parts.push("mikkoo=info".to_owned());
+    if logging.root_level.is_none() {
+        if !mikkoo_set {
+            parts.push("mikkoo=info".to_owned());
+        }
+        // lapin logs a returned message with its body at WARN and every channel error at
+        // ERROR; mikkoo reports both itself, with the event id and without the payload.
+        if !logging.loggers.contains_key("pika") {
+            parts.push("lapin=off".to_owned());
+        }
     }
     parts.join(",")
 }
@@ -391,7 +398,10 @@ mod tests {
 
     #[test]
     fn without_a_logging_section_mikkoo_logs_info() {
-        assert_eq!(directives(&LoggingConfig::default()), "warn,mikkoo=info");
+        assert_eq!(
+            directives(&LoggingConfig::default()),
+            "warn,mikkoo=info,lapin=off"
+        );
     }
 
     #[test]

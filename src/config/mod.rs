@@ -1,8 +1,8 @@
 //! Configuration: the file format of the Python relay, read into one resolved [`Config`].
 //!
 //! Loading goes in three steps: the file is parsed into a plain value tree (YAML, or JSON
-//! when the name ends in `.json`); `${VAR}` references are expanded ([`expand`]); then
-//! [`reader`] walks the tree, filling defaults, resolving aliases and validating every
+//! when the name ends in `.json`); `${VAR}` references are expanded (`expand`); then
+//! `reader` walks the tree, filling defaults, resolving aliases and validating every
 //! value against its dotted key path. Nothing else in the program looks at the raw file.
 //!
 //! This module owns what the settings *are* and their defaults; it does not connect to

@@ -5,7 +5,7 @@
 //! exclusive lock on the way), asks PgQ for a batch, and relays it or sleeps
 //! `wait_duration`. When a connection fails, only that one is opened again, after an
 //! exponential backoff; the other is kept, and so is what was already confirmed of the
-//! open batch ([`progress`]), so nothing confirmed is published twice.
+//! open batch (`progress`), so nothing confirmed is published twice.
 //!
 //! Stopping is checked only between batches and while sleeping: a batch that has
 //! started is settled and finished first. The supervisor bounds that with

@@ -1,0 +1,560 @@
+//! Helpers for end-to-end tests against the real PostgreSQL (with pgq) and RabbitMQ.
+//!
+//! Every test gets its own PgQ queue, exchange and AMQP queue names ([`unique`]), waits
+//! for conditions with deadlines ([`eventually`]), and cleans up when its guards drop.
+//! PgQ is ticked from the test (`pgq.ticker(queue)` with thresholds that make every call
+//! tick), so batch boundaries are where the test puts them. The relay is the real binary
+//! started with a generated configuration ([`Relay`]).
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::mpsc;
+use tokio_postgres::{Client, NoTls};
+
+pub const PG_URL: &str = "postgresql://postgres@127.0.0.1:5432/postgres";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let random: u32 = rand::random();
+    format!("{prefix}_{}_{n}_{random:08x}", std::process::id())
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn pg() -> Client {
+    let (client, connection) = tokio_postgres::connect(PG_URL, NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+/// One event to insert, column by column (PgQ's names).
+#[derive(Clone, Debug, Default)]
+pub struct NewEvent {
+    pub ev_type: Option<String>,
+    pub ev_data: Option<String>,
+    pub ev_extra1: Option<String>,
+    pub ev_extra2: Option<String>,
+    pub ev_extra3: Option<String>,
+    pub ev_extra4: Option<String>,
+}
+
+impl NewEvent {
+    /// An event for `exchange` with `routing_key` and `body`.
+    pub fn to(exchange: &str, routing_key: &str, body: &str) -> NewEvent {
+        NewEvent {
+            ev_type: Some(routing_key.to_owned()),
+            ev_data: Some(body.to_owned()),
+            ev_extra1: Some(exchange.to_owned()),
+            ..NewEvent::default()
+        }
+    }
+
+    pub fn properties(mut self, json: &str) -> NewEvent {
+        self.ev_extra3 = Some(json.to_owned());
+        self
+    }
+
+    pub fn headers(mut self, json: &str) -> NewEvent {
+        self.ev_extra4 = Some(json.to_owned());
+        self
+    }
+
+    pub fn content_type(mut self, content_type: &str) -> NewEvent {
+        self.ev_extra2 = Some(content_type.to_owned());
+        self
+    }
+}
+
+/// A PgQ queue owned by one test: created with the consumer registered, ticked on
+/// demand, dropped at the end.
+pub struct PgQueue {
+    pub name: String,
+    pub consumer: String,
+    pub client: Client,
+}
+
+impl PgQueue {
+    /// Creates the queue and registers `mikkoo` as its consumer, so every event the
+    /// test inserts from now on belongs to the relay.
+    pub async fn create(prefix: &str) -> PgQueue {
+        let client = pg().await;
+        let name = unique(prefix);
+        let consumer = "mikkoo".to_owned();
+        client
+            .execute("SELECT pgq.create_queue($1)", &[&name])
+            .await
+            .unwrap();
+        for (key, value) in [
+            ("ticker_max_count", "1"),
+            ("ticker_max_lag", "0"),
+            ("ticker_idle_period", "0"),
+        ] {
+            client
+                .execute("SELECT pgq.set_queue_config($1, $2, $3)", &[&name, &key, &value])
+                .await
+                .unwrap();
+        }
+        client
+            .execute("SELECT pgq.register_consumer($1, $2)", &[&name, &consumer])
+            .await
+            .unwrap();
+        PgQueue {
+            name,
+            consumer,
+            client,
+        }
+    }
+
+    /// Inserts events in one transaction (so they land in one batch) and returns their ids.
+    pub async fn insert(&mut self, events: &[NewEvent]) -> Vec<i64> {
+        let transaction = self.client.transaction().await.unwrap();
+        let mut ids = Vec::with_capacity(events.len());
+        for event in events {
+            let row = transaction
+                .query_one(
+                    "SELECT pgq.insert_event($1, $2, $3, $4, $5, $6, $7)",
+                    &[
+                        &self.name,
+                        &event.ev_type,
+                        &event.ev_data,
+                        &event.ev_extra1,
+                        &event.ev_extra2,
+                        &event.ev_extra3,
+                        &event.ev_extra4,
+                    ],
+                )
+                .await
+                .unwrap();
+            ids.push(row.get(0));
+        }
+        transaction.commit().await.unwrap();
+        ids
+    }
+
+    /// Inserts events and ticks, so they form one batch.
+    pub async fn insert_batch(&mut self, events: &[NewEvent]) -> Vec<i64> {
+        let ids = self.insert(events).await;
+        self.tick().await;
+        ids
+    }
+
+    /// Makes a tick now.
+    pub async fn tick(&self) {
+        self.client
+            .query_one("SELECT pgq.ticker($1)", &[&self.name])
+            .await
+            .unwrap();
+    }
+
+    /// Moves due retry events back into the queue (as pgqd's maintenance does; pgqd may
+    /// beat the test to it, which is fine) and ticks.
+    pub async fn bring_back_retries(&self) {
+        while self.retry_queue_len().await > 0 {
+            self.client
+                .query_one("SELECT pgq.maint_retry_events()", &[])
+                .await
+                .unwrap();
+        }
+        self.tick().await;
+    }
+
+    /// Events waiting in PgQ's retry queue for this queue.
+    pub async fn retry_queue_len(&self) -> i64 {
+        self.client
+            .query_one(
+                "SELECT count(*) FROM pgq.retry_queue r JOIN pgq.queue q ON q.queue_id = r.ev_queue WHERE q.queue_name = $1",
+                &[&self.name],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// True when the consumer has no open batch and has consumed the queue's last tick.
+    pub async fn is_drained(&self) -> bool {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT c.current_batch IS NULL AND c.last_tick = q.last_tick_id \
+                 FROM pgq.get_consumer_info($1, $2) c, pgq.get_queue_info($1) q",
+                &[&self.name, &self.consumer],
+            )
+            .await
+            .unwrap();
+        row.is_some_and(|row| row.get::<_, Option<bool>>(0) == Some(true))
+    }
+
+    /// Waits until the relay finished every batch ticked so far.
+    pub async fn wait_drained(&self) {
+        eventually("the relay to finish every batch", || async {
+            self.is_drained().await.then_some(())
+        })
+        .await;
+    }
+
+    /// Dead-letter rows of this queue: (ev_id, ev_retry, reason).
+    pub async fn dead_letters(&self) -> Vec<(i64, Option<i32>, String)> {
+        let exists: bool = self
+            .client
+            .query_one("SELECT to_regclass('mikkoo.dead_letter') IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if !exists {
+            return Vec::new();
+        }
+        self.client
+            .query(
+                "SELECT ev_id, ev_retry, reason FROM mikkoo.dead_letter WHERE queue = $1 ORDER BY ev_id",
+                &[&self.name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect()
+    }
+}
+
+impl Drop for PgQueue {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Async clean-up cannot run in Drop; a short-lived runtime on its own thread can.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let client = pg().await;
+                let _ = client.execute("SELECT pgq.drop_queue($1, true)", &[&name]).await;
+                let _ = client
+                    .execute("DELETE FROM mikkoo.dead_letter WHERE queue = $1", &[&name])
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// An exchange with an exclusive queue bound to it, collecting what arrives.
+pub struct Sink {
+    pub exchange: String,
+    pub queue: String,
+    connection: Connection,
+    deliveries: mpsc::UnboundedReceiver<Delivery>,
+}
+
+impl Sink {
+    /// A topic exchange with a queue bound to `#` (receives every routing key).
+    pub async fn topic(prefix: &str) -> Sink {
+        Self::bound(prefix, &["#"]).await
+    }
+
+    /// A topic exchange with a queue bound to the given routing keys.
+    pub async fn bound(prefix: &str, routing_keys: &[&str]) -> Sink {
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let exchange = unique(&format!("{prefix}_x"));
+        let queue = unique(&format!("{prefix}_q"));
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    auto_delete: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for key in routing_keys {
+            channel
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    (*key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+        }
+        let deliveries = consume(&channel, &queue).await;
+        Sink {
+            exchange,
+            queue,
+            connection,
+            deliveries,
+        }
+    }
+
+    /// Waits for `n` messages (and no fewer), in arrival order.
+    pub async fn take(&mut self, n: usize) -> Vec<Delivery> {
+        let mut out = Vec::with_capacity(n);
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, self.deliveries.recv()).await {
+                Ok(Some(delivery)) => out.push(delivery),
+                Ok(None) => panic!("consumer closed after {} of {n} messages", out.len()),
+                Err(_) => panic!("timed out with {} of {n} messages on {}", out.len(), self.queue),
+            }
+        }
+        out
+    }
+
+    /// Messages that arrived so far, without waiting.
+    pub fn drain_now(&mut self) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        while let Ok(delivery) = self.deliveries.try_recv() {
+            out.push(delivery);
+        }
+        out
+    }
+
+    /// Deletes the exchange (to make publishes to it fail).
+    pub async fn delete_exchange(&self) {
+        let channel = self.connection.create_channel().await.unwrap();
+        channel
+            .exchange_delete(self.exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
+/// Consumes `queue` into a channel, acking each message.
+async fn consume(channel: &lapin::Channel, queue: &str) -> mpsc::UnboundedReceiver<Delivery> {
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            unique("test_consumer").as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+            if sender.send(delivery).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+/// A header's value, if present.
+pub fn header<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a AMQPValue> {
+    delivery.properties.headers().as_ref()?.inner().get(name)
+}
+
+/// A long-string header as text.
+pub fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
+    match header(delivery, name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        other => panic!("header {name} is {other:?}, not a string"),
+    }
+}
+
+pub fn body(delivery: &Delivery) -> String {
+    String::from_utf8(delivery.data.clone()).unwrap()
+}
+
+/// The relay binary, started with a configuration file of the test's.
+pub struct Relay {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+/// Path of the relay binary under test.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_mikkoo")
+}
+
+/// A worker configuration block for `queue` with fast test timings; `extra` lines are
+/// added as they are (indented six spaces).
+pub fn worker_yaml(queue: &str, extra: &str) -> String {
+    let mut text = format!(
+        "    {queue}:\n      postgres_url: {PG_URL}\n      rabbitmq_url: {AMQP_URL}\n      wait_duration: 0.05\n      retry_delay: 0\n"
+    );
+    for line in extra.lines().filter(|line| !line.trim().is_empty()) {
+        text.push_str("      ");
+        text.push_str(line.trim_start());
+        text.push('\n');
+    }
+    text
+}
+
+/// A whole configuration with the given worker blocks.
+pub fn config_yaml(workers: &[String]) -> String {
+    format!(
+        "Application:\n  poll_interval: 1\n  workers:\n{}",
+        workers.concat()
+    )
+}
+
+impl Relay {
+    /// Starts `mikkoo -f` with `config` (YAML text).
+    pub fn start(config: &str) -> Relay {
+        Self::start_with(config, &[])
+    }
+
+    /// Starts `mikkoo -f` with `config` and extra arguments.
+    pub fn start_with(config: &str, args: &[&str]) -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("mikkoo.yaml");
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = dir.path().join("relay.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(binary())
+            .arg("-f")
+            .arg("-c")
+            .arg(&config_path)
+            .args(args)
+            .env("MIKKOO_LOG", "mikkoo=debug,warn,lapin=off")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start mikkoo");
+        Relay {
+            child: Some(child),
+            dir,
+            config_path,
+            log_path,
+        }
+    }
+
+    /// Everything the relay logged so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut file) = std::fs::File::open(&self.log_path) {
+            let _ = file.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Waits until the log contains `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        eventually(&format!("the relay to log {needle:?}"), || async {
+            self.log().contains(needle).then_some(())
+        })
+        .await;
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the relay.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Waits for the relay to exit.
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("relay running");
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Stops the relay with SIGTERM and returns its exit status.
+    pub async fn stop(&mut self) -> ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        tokio::time::timeout(DEADLINE, self.wait_exit())
+            .await
+            .expect("relay stops within the deadline")
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- relay log ----\n{}", self.log());
+        }
+    }
+}
+
+/// Runs the binary to completion and returns (status, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
+    let output = Command::new(binary()).args(args).output().expect("run mikkoo");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Writes `text` to a file in a fresh temporary directory.
+pub fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mikkoo.yaml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
