@@ -82,6 +82,17 @@ impl Outcome {
         Self::from_result(confirm.await)
     }
 
+    /// Waits at most `deadline` for a confirm: a broker that stays silent that long is
+    /// treated as a lost connection (TCP may not have noticed yet).
+    pub async fn within(confirm: PublisherConfirm, deadline: Duration) -> Outcome {
+        match tokio::time::timeout(deadline, Self::of(confirm)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::ConnectionLost {
+                reason: format!("no publisher confirm within {deadline:?}"),
+            },
+        }
+    }
+
     /// Names a confirm result.
     pub fn from_result(result: lapin::Result<Confirmation>) -> Outcome {
         match result {
@@ -265,6 +276,20 @@ impl Broker {
             .await
     }
 
+    /// Publishes one message and waits (at most `deadline`) for the broker's answer.
+    pub async fn publish_and_wait(
+        &self,
+        message: &Message,
+        body: &[u8],
+        mandatory: bool,
+        deadline: Duration,
+    ) -> Outcome {
+        match self.publish(message, body, mandatory).await {
+            Ok(confirm) => Outcome::within(confirm, deadline).await,
+            Err(error) => Outcome::from_error(&error),
+        }
+    }
+
     /// Replaces a channel the broker closed with a fresh one on the same connection.
     pub async fn reopen_channel(&mut self) -> Result<(), AmqpError> {
         let channel = self
@@ -313,10 +338,13 @@ impl Broker {
         self.connection.status().connected() && self.failed.borrow().is_none()
     }
 
-    /// Closes the connection politely (best effort).
+    /// Closes the connection politely, giving the broker a few seconds to answer; the
+    /// socket is dropped either way, so a dead connection never lingers.
     pub async fn close(self) {
+        const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
         if self.connection.status().connected() {
-            let _ = self.connection.close(200, "mikkoo stopping".into()).await;
+            let close = self.connection.close(200, "mikkoo closing".into());
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
         }
     }
 }
@@ -468,8 +496,3 @@ pub fn tls_connector(options: &TlsOptions) -> Result<SslConnector, AmqpError> {
     });
     Ok(builder.build())
 }
-
-/// How long to wait for a confirm before treating the channel as broken. A healthy
-/// broker confirms in milliseconds even when fsyncing; a minute of silence means the
-/// connection is dead in a way TCP has not noticed yet.
-pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);

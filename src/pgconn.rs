@@ -70,6 +70,10 @@ pub struct PgTarget {
     root_cert: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
+    /// True when the URL names the application itself; otherwise each connection is
+    /// named after its purpose (`mikkoo <queue>`), so operators can tell them apart in
+    /// `pg_stat_activity`.
+    url_sets_application_name: bool,
     redacted: String,
 }
 
@@ -132,15 +136,14 @@ impl PgTarget {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
         }
-        if config.get_application_name().is_none() {
-            config.application_name("mikkoo");
-        }
+        let url_sets_application_name = config.get_application_name().is_some();
         Ok(PgTarget {
             config,
             ssl_mode,
             root_cert,
             client_cert,
             client_key,
+            url_sets_application_name,
             redacted,
         })
     }
@@ -222,20 +225,24 @@ impl PgTarget {
         Ok(connector)
     }
 
-    /// Opens a connection and spawns the task that drives it. The returned handle ends
-    /// when the connection does.
+    /// Opens a connection named `application_name` (unless the URL names one) and spawns
+    /// the task that drives it. The returned handle ends when the connection does.
     pub async fn connect(
         &self,
+        application_name: &str,
     ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), ConnectError> {
         let tls = self.tls_connector().map_err(ConnectError::Tls)?;
-        let (client, connection) =
-            self.config
-                .connect(tls)
-                .await
-                .map_err(|source| ConnectError::Postgres {
-                    target: self.host_port(),
-                    source,
-                })?;
+        let mut config = self.config.clone();
+        if !self.url_sets_application_name {
+            config.application_name(application_name);
+        }
+        let (client, connection) = config
+            .connect(tls)
+            .await
+            .map_err(|source| ConnectError::Postgres {
+                target: self.host_port(),
+                source,
+            })?;
         let handle = tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "postgresql connection ended");

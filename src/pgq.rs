@@ -61,6 +61,17 @@ impl PgqError {
         }
     }
 
+    /// True when PgQ says this consumer is not subscribed: the queue was dropped or the
+    /// consumer unregistered behind the relay's back.
+    pub fn is_not_subscribed(&self) -> bool {
+        match self {
+            PgqError::Query { source, .. } => source
+                .as_db_error()
+                .is_some_and(|db| db.message().starts_with("Not subscriber to queue")),
+            _ => false,
+        }
+    }
+
     /// The SQLSTATE of a failed statement, if the server sent one.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
@@ -131,7 +142,7 @@ const EVENT_COLUMNS: usize = 10;
 impl PgqSession {
     /// Connects and checks that `pgq` is installed.
     pub async fn connect(target: &PgTarget, queue: &str, consumer: &str) -> Result<PgqSession, PgqError> {
-        let (client, connection) = target.connect().await?;
+        let (client, connection) = target.connect(&format!("mikkoo {queue}")).await?;
         let session = PgqSession {
             client,
             connection,

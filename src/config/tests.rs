@@ -48,6 +48,7 @@ fn minimal_configuration_gets_every_default() {
     assert!(worker.confirm);
     assert!(worker.mandatory);
     assert_eq!(worker.max_in_flight, worker::DEFAULT_MAX_IN_FLIGHT);
+    assert_eq!(worker.confirm_timeout, worker::DEFAULT_CONFIRM_TIMEOUT);
     assert_eq!(worker.fetch_size, worker::DEFAULT_FETCH_SIZE);
     assert_eq!(worker.delivery_mode, 2);
     assert_eq!(worker.app_id, format!("mikkoo/{}", env!("CARGO_PKG_VERSION")));
@@ -156,6 +157,7 @@ Application:
       consumer_name: relay
       confirm: true
       max_in_flight: 64
+      confirm_timeout: 5s
       mandatory: false
       delivery_mode: 1
       app_id: billing-relay
@@ -192,6 +194,7 @@ Daemon: {pidfile: /run/mikkoo.pid, user: mikkoo, group: mikkoo}
     assert_eq!(worker.rabbitmq.frame_max, 65536);
     assert_eq!(worker.rabbitmq.connect_timeout, Duration::from_millis(2500));
     assert_eq!(worker.max_in_flight, 64);
+    assert_eq!(worker.confirm_timeout, Duration::from_secs(5));
     assert!(!worker.mandatory);
     assert_eq!(worker.delivery_mode, 1);
     assert_eq!(worker.app_id, "billing-relay");

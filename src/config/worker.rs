@@ -17,6 +17,11 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 1000;
 /// whatever the batch size (see README "Performance").
 pub const DEFAULT_FETCH_SIZE: usize = 1000;
 
+/// Default `confirm_timeout`. A healthy broker confirms in milliseconds even when it
+/// fsyncs; a minute of silence means a connection that is dead in a way TCP has not
+/// noticed yet (heartbeats take up to twice `heartbeat_interval`).
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Settings of the worker that relays one PgQ queue.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WorkerConfig {
@@ -32,6 +37,9 @@ pub struct WorkerConfig {
     pub confirm: bool,
     /// Most unconfirmed messages on the channel at once.
     pub max_in_flight: usize,
+    /// How long a publisher confirm may take before the connection is treated as
+    /// broken and the unconfirmed events are published again on a new one.
+    pub confirm_timeout: Duration,
     /// Publish with the mandatory flag, so unroutable messages come back as failures.
     pub mandatory: bool,
     /// Default delivery mode (1 transient, 2 persistent).
@@ -163,6 +171,10 @@ pub(crate) fn read_worker(queue: &str, node: Node<'_>, diag: &mut Diagnostics) -
         .get("max_in_flight")
         .and_then(|e| e.node().integer(diag, 1, 65_535))
         .map_or(DEFAULT_MAX_IN_FLIGHT, |n| n as usize);
+    let confirm_timeout = table
+        .get("confirm_timeout")
+        .and_then(|e| e.node().positive_duration(diag))
+        .unwrap_or(DEFAULT_CONFIRM_TIMEOUT);
     let mandatory = flag(&mut table, "mandatory", true, diag);
     let delivery_mode = table
         .get("delivery_mode")
@@ -226,6 +238,7 @@ pub(crate) fn read_worker(queue: &str, node: Node<'_>, diag: &mut Diagnostics) -
         consumer_name,
         confirm,
         max_in_flight,
+        confirm_timeout,
         mandatory,
         delivery_mode,
         app_id,

@@ -14,10 +14,10 @@ use std::time::Instant;
 use lapin::PublisherConfirm;
 
 use super::progress::BatchProgress;
-use super::settle::{Settlement, publish_one};
-use crate::amqp::{Broker, CONFIRM_TIMEOUT, Outcome};
+use super::settle::Settlement;
+use crate::amqp::{Broker, Outcome};
 use crate::config::WorkerConfig;
-use crate::error::WorkerError;
+use crate::error::{Link, WorkerError};
 use crate::event::Event;
 use crate::mapping::{self, MessageDefaults};
 use crate::pgq::{Batch, BatchTransaction, PgqSession};
@@ -63,10 +63,35 @@ impl BatchRelay<'_> {
         let mut window = Window::default();
         let mut settlement = Settlement::default();
         let mut summary = BatchSummary::default();
+        let published = self
+            .publish_all(&mut transaction, &mut window, &mut settlement, &mut summary)
+            .await;
+        if let Err(error) = published {
+            if error.broken_link() == Link::Postgres {
+                // The batch will be read again on a new session. What is already on its
+                // way to the broker is waited for, so the confirmed part is not
+                // published twice; anything else is decided again then.
+                let _ = self.drain(&mut window, &mut Settlement::default()).await;
+            }
+            return Err(error);
+        }
+        self.drain(&mut window, &mut settlement).await?;
+        self.finish(transaction, settlement, started).await?;
+        Ok(summary)
+    }
+
+    /// Reads the batch chunk by chunk and publishes every event not yet confirmed.
+    async fn publish_all(
+        &mut self,
+        transaction: &mut BatchTransaction<'_>,
+        window: &mut Window,
+        settlement: &mut Settlement,
+        summary: &mut BatchSummary,
+    ) -> Result<(), WorkerError> {
         loop {
             let chunk = transaction.next_chunk().await?;
             if chunk.is_empty() {
-                break;
+                return Ok(());
             }
             for event in chunk {
                 summary.events += 1;
@@ -74,17 +99,14 @@ impl BatchRelay<'_> {
                     summary.already_confirmed += 1;
                     continue;
                 }
-                self.relay_event(event, &mut window, &mut settlement).await?;
+                self.relay_event(event, window, settlement).await?;
                 summary.published += 1;
             }
             if settlement.should_flush() {
-                self.drain(&mut window, &mut settlement).await?;
-                settlement.flush(self.config, &transaction, self.broker).await?;
+                self.drain(window, settlement).await?;
+                settlement.flush(self.config, transaction, self.broker).await?;
             }
         }
-        self.drain(&mut window, &mut settlement).await?;
-        self.finish(transaction, settlement, started).await?;
-        Ok(summary)
     }
 
     async fn finish(
@@ -154,7 +176,7 @@ impl BatchRelay<'_> {
         let Some(flight) = window.pop() else {
             return Ok(());
         };
-        let outcome = await_confirm(flight.confirm).await;
+        let outcome = Outcome::within(flight.confirm, self.config.confirm_timeout).await;
         self.stats.set_in_flight(window.len());
         match outcome {
             Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. } => {
@@ -254,7 +276,15 @@ impl BatchRelay<'_> {
                 return Ok(());
             }
         };
-        let outcome = publish_one(self.broker, &message, event.body()).await;
+        let outcome = self
+            .broker
+            .publish_and_wait(
+                &message,
+                event.body(),
+                self.config.mandatory,
+                self.config.confirm_timeout,
+            )
+            .await;
         match outcome {
             Outcome::ConnectionLost { reason } => Err(WorkerError::BrokerLost { reason }),
             Outcome::ChannelClosed { .. } => {
@@ -280,16 +310,6 @@ impl BatchRelay<'_> {
                 );
             }
         }
-    }
-}
-
-/// Waits for a confirm, treating a silent broker as a broken connection.
-async fn await_confirm(confirm: PublisherConfirm) -> Outcome {
-    match tokio::time::timeout(CONFIRM_TIMEOUT, Outcome::of(confirm)).await {
-        Ok(outcome) => outcome,
-        Err(_) => Outcome::ConnectionLost {
-            reason: format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"),
-        },
     }
 }
 

@@ -56,6 +56,22 @@ struct PgLink {
     active: bool,
 }
 
+/// What a worker keeps from one turn of its loop to the next.
+#[derive(Default)]
+struct Links {
+    /// The PostgreSQL side; `None` until connected and after it failed.
+    pg: Option<PgLink>,
+    /// The AMQP side; `None` until connected and after it failed.
+    broker: Option<Broker>,
+    /// What is already confirmed of the open batch (kept across reconnects).
+    progress: progress::BatchProgress,
+    /// `ev_extra3` keys already logged as ignored.
+    ignored_keys: HashSet<String>,
+    /// True once the queue and consumer were set up, so that finding them gone later
+    /// is reported.
+    subscribed: bool,
+}
+
 /// What one turn of the loop did.
 enum Turn {
     /// A batch was relayed; ask again at once.
@@ -87,18 +103,11 @@ impl Worker {
     /// Runs until stopped. Failures are logged and retried with backoff; they never end
     /// the worker.
     pub async fn run(self) {
-        let queue = self.config.queue.clone();
-        let mut pg: Option<PgLink> = None;
-        let mut broker: Option<Broker> = None;
-        let mut progress = progress::BatchProgress::default();
-        let mut ignored_keys = HashSet::new();
+        let mut links = Links::default();
         let mut backoff = Backoff::default();
         let mut last_status = Instant::now();
         while !self.stop.is_cancelled() {
-            let turn = self
-                .turn(&mut pg, &mut broker, &mut progress, &mut ignored_keys)
-                .await;
-            let pause = match turn {
+            let pause = match self.turn(&mut links).await {
                 Ok(Turn::Relayed) => {
                     backoff.reset();
                     None
@@ -114,22 +123,15 @@ impl Worker {
                 }
                 Err(error) => {
                     let delay = backoff.next();
-                    match error.broken_link() {
-                        Link::Postgres => pg = None,
-                        Link::Broker => {
-                            if broker.take().is_some() {
-                                self.stats.connections_closed.add(1);
-                            }
-                        }
-                    }
-                    tracing::error!(queue = %queue, error = %error, retry_in = ?delay, "worker failed; reconnecting");
+                    self.drop_broken_link(&mut links, error.broken_link()).await;
+                    tracing::error!(queue = %self.config.queue, error = %error, retry_in = ?delay, "worker failed; reconnecting");
                     self.stats.set_state(WorkerState::Backoff);
                     Some(delay)
                 }
             };
             if last_status.elapsed() >= self.poll_interval {
                 last_status = Instant::now();
-                self.log_status(pg.as_ref()).await;
+                self.log_status(links.pg.as_ref()).await;
             }
             if let Some(pause) = pause {
                 tokio::select! {
@@ -138,51 +140,35 @@ impl Worker {
                 }
             }
         }
-        self.shut_down(pg, broker).await;
+        self.shut_down(links).await;
+    }
+
+    async fn drop_broken_link(&self, links: &mut Links, link: Link) {
+        match link {
+            Link::Postgres => links.pg = None,
+            Link::Broker => {
+                if let Some(lost) = links.broker.take() {
+                    lost.close().await;
+                    self.stats.connections_closed.add(1);
+                }
+            }
+        }
     }
 
     /// One turn: connect what is missing, then take and relay one batch.
-    async fn turn(
-        &self,
-        pg: &mut Option<PgLink>,
-        broker: &mut Option<Broker>,
-        progress: &mut progress::BatchProgress,
-        ignored_keys: &mut HashSet<String>,
-    ) -> Result<Turn, WorkerError> {
-        if pg.as_ref().is_some_and(|link| link.session.is_closed()) {
-            *pg = None;
-        }
-        if pg.is_none() {
-            self.stats.set_state(WorkerState::Connecting);
-            *pg = Some(self.open_postgres().await?);
-        }
-        let Some(link) = pg.as_mut() else {
-            return Ok(Turn::Idle);
+    async fn turn(&self, links: &mut Links) -> Result<Turn, WorkerError> {
+        let Some(link) = self.postgres(&mut links.pg, &mut links.subscribed).await? else {
+            return Ok(Turn::Standby);
         };
-        if !link.active {
-            link.active = link.session.try_exclusive_lock().await?;
-            if !link.active {
-                return Ok(Turn::Standby);
-            }
-            tracing::info!(queue = %self.config.queue, consumer = %self.config.consumer_name, "holding the queue's lock; this instance is active");
-        }
-        if broker.as_ref().is_some_and(|b| !b.is_connected()) {
-            let reason = broker.as_ref().and_then(Broker::failure).unwrap_or_default();
-            return Err(WorkerError::BrokerLost { reason });
-        }
-        if broker.is_none() {
-            self.stats.set_state(WorkerState::Connecting);
-            let connected =
-                Broker::connect(&self.config.rabbitmq, &self.config.queue, self.config.confirm).await?;
-            tracing::info!(queue = %self.config.queue, broker = %connected.address(), "connected to rabbitmq");
-            self.stats.connections_opened.add(1);
-            *broker = Some(connected);
-        }
-        let Some(broker) = broker.as_mut() else {
-            return Ok(Turn::Idle);
-        };
+        let broker = self.broker(&mut links.broker).await?;
 
-        let batch = link.session.next_batch(&self.config.batch_window).await?;
+        let batch = match link.session.next_batch(&self.config.batch_window).await {
+            Err(error) if error.is_not_subscribed() => {
+                self.subscribe(&link.session, true).await?;
+                return Ok(Turn::Relayed);
+            }
+            batch => batch?,
+        };
         self.stats.progressed();
         let Some(batch) = batch else {
             self.stats.empty_queue.add(1);
@@ -195,8 +181,8 @@ impl Worker {
             defaults: &link.defaults,
             stats: &self.stats,
             broker,
-            progress,
-            ignored_keys,
+            progress: &mut links.progress,
+            ignored_keys: &mut links.ignored_keys,
         };
         let summary = relay.relay(&mut link.session, &batch).await;
         self.stats.set_current_batch(None);
@@ -205,17 +191,91 @@ impl Worker {
         Ok(Turn::Relayed)
     }
 
+    /// The PostgreSQL link, opened when missing and holding the queue's lock; `None`
+    /// while another instance is active.
+    async fn postgres<'l>(
+        &self,
+        pg: &'l mut Option<PgLink>,
+        subscribed: &mut bool,
+    ) -> Result<Option<&'l mut PgLink>, WorkerError> {
+        if pg.as_ref().is_some_and(|link| link.session.is_closed()) {
+            *pg = None;
+        }
+        let link = match pg {
+            Some(link) => link,
+            None => {
+                self.stats.set_state(WorkerState::Connecting);
+                let link = self.open_postgres(*subscribed).await?;
+                *subscribed = true;
+                pg.insert(link)
+            }
+        };
+        if !link.active {
+            link.active = link.session.try_exclusive_lock().await?;
+            if !link.active {
+                return Ok(None);
+            }
+            tracing::info!(queue = %self.config.queue, consumer = %self.config.consumer_name, "holding the queue's lock; this instance is active");
+        }
+        Ok(Some(link))
+    }
+
+    /// The AMQP link, opened when missing; an error when it has failed.
+    async fn broker<'l>(&self, broker: &'l mut Option<Broker>) -> Result<&'l mut Broker, WorkerError> {
+        if let Some(existing) = broker.as_ref()
+            && !existing.is_connected()
+        {
+            let reason = existing
+                .failure()
+                .unwrap_or_else(|| "connection closed".to_owned());
+            return Err(WorkerError::BrokerLost { reason });
+        }
+        match broker {
+            Some(connected) => Ok(connected),
+            None => {
+                self.stats.set_state(WorkerState::Connecting);
+                let connected =
+                    Broker::connect(&self.config.rabbitmq, &self.config.queue, self.config.confirm).await?;
+                tracing::info!(queue = %self.config.queue, broker = %connected.address(), "connected to rabbitmq");
+                self.stats.connections_opened.add(1);
+                Ok(broker.insert(connected))
+            }
+        }
+    }
+
+    /// `pgq.create_queue` and `pgq.register_consumer`. When this worker had been
+    /// subscribed before, having to do either means someone undid it behind the relay's
+    /// back: that is worth a warning, since PgQ kept no events for the consumer meanwhile.
+    async fn subscribe(&self, session: &PgqSession, subscribed_before: bool) -> Result<(), WorkerError> {
+        let created = session.create_queue().await?;
+        let registered = session.register_consumer().await?;
+        let queue = &self.config.queue;
+        let consumer = &self.config.consumer_name;
+        if subscribed_before && (created || registered) {
+            tracing::warn!(
+                queue = %queue,
+                consumer = %consumer,
+                created_queue = created,
+                "the pgq queue was dropped or the consumer unregistered behind the relay's back; \
+                 created and registered again (events inserted meanwhile are lost to this consumer)"
+            );
+        } else {
+            if created {
+                tracing::info!(queue = %queue, "created pgq queue");
+            }
+            if registered {
+                tracing::info!(queue = %queue, consumer = %consumer, "registered pgq consumer");
+            }
+        }
+        Ok(())
+    }
+
     /// Connects to PostgreSQL and prepares the queue: create it, register the consumer,
     /// create the dead-letter table when it is the destination.
-    async fn open_postgres(&self) -> Result<PgLink, WorkerError> {
+    async fn open_postgres(&self, subscribed_before: bool) -> Result<PgLink, WorkerError> {
         let config = &self.config;
         let session = PgqSession::connect(&config.postgres, &config.queue, &config.consumer_name).await?;
-        if session.create_queue().await? {
-            tracing::info!(queue = %config.queue, "created pgq queue");
-        }
-        if session.register_consumer().await? {
-            tracing::info!(queue = %config.queue, consumer = %config.consumer_name, "registered pgq consumer");
-        }
+        self.subscribe(&session, subscribed_before).await?;
         if config.dead_letter == DeadLetterTarget::Table {
             deadletter::ensure_table(session.client()).await?;
         }
@@ -260,10 +320,10 @@ impl Worker {
         );
     }
 
-    async fn shut_down(&self, pg: Option<PgLink>, broker: Option<Broker>) {
+    async fn shut_down(&self, links: Links) {
         self.stats.set_state(WorkerState::Stopped);
         if self.config.unregister
-            && let Some(link) = &pg
+            && let Some(link) = &links.pg
             && link.active
         {
             match link.session.unregister_consumer().await {
@@ -275,7 +335,7 @@ impl Worker {
                 }
             }
         }
-        if let Some(broker) = broker {
+        if let Some(broker) = links.broker {
             broker.close().await;
             self.stats.connections_closed.add(1);
         }

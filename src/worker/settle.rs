@@ -1,7 +1,7 @@
 //! What becomes of the events of a batch that were not confirmed: retried through PgQ,
 //! or dead-lettered, recorded in the batch's own transaction.
 
-use crate::amqp::{Broker, CONFIRM_TIMEOUT, Outcome};
+use crate::amqp::{Broker, Outcome};
 use crate::config::{DeadLetterTarget, WorkerConfig};
 use crate::deadletter::{self, DeadLetter};
 use crate::error::WorkerError;
@@ -142,7 +142,10 @@ impl Settlement {
                 for (event, reason) in letters {
                     let message =
                         dead_letter_message(config, exchange, routing_key.as_deref(), event, reason);
-                    match publish_one(broker, &message, event.body()).await {
+                    match broker
+                        .publish_and_wait(&message, event.body(), true, config.confirm_timeout)
+                        .await
+                    {
                         Outcome::Acked => {
                             tracing::error!(queue, ev_id = event.ev_id, %reason, exchange = %exchange, "event dead-lettered to exchange");
                             self.totals.dead_lettered += 1;
@@ -165,19 +168,6 @@ impl Settlement {
                 Ok(undelivered)
             }
         }
-    }
-}
-
-/// Publishes one message and waits for its confirm.
-pub(super) async fn publish_one(broker: &Broker, message: &Message, body: &[u8]) -> Outcome {
-    match broker.publish(message, body, true).await {
-        Ok(confirm) => match tokio::time::timeout(CONFIRM_TIMEOUT, Outcome::of(confirm)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Outcome::ConnectionLost {
-                reason: format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"),
-            },
-        },
-        Err(error) => Outcome::from_error(&error),
     }
 }
 

@@ -6,5 +6,6 @@
 
 mod cli;
 mod delivery;
+#[path = "../support/mod.rs"]
 mod support;
 mod wire;

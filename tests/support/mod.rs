@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -143,6 +145,16 @@ impl PgQueue {
         }
     }
 
+    /// Opens a new session after the server restarted.
+    pub async fn reconnect(&mut self) {
+        self.client = eventually("a new PostgreSQL session", || async {
+            let (client, connection) = tokio_postgres::connect(PG_URL, NoTls).await.ok()?;
+            tokio::spawn(connection);
+            Some(client)
+        })
+        .await;
+    }
+
     /// Inserts events in one transaction (so they land in one batch) and returns their ids.
     pub async fn insert(&mut self, events: &[NewEvent]) -> Vec<i64> {
         let transaction = self.client.transaction().await.unwrap();
@@ -167,6 +179,34 @@ impl PgQueue {
         }
         transaction.commit().await.unwrap();
         ids
+    }
+
+    /// Inserts `n` events to `exchange` with bodies `{tag}-{i}` in one statement, then
+    /// ticks, so they form one batch. Returns the bodies.
+    pub async fn insert_generated(&mut self, exchange: &str, tag: &str, n: usize) -> Vec<String> {
+        let count = i32::try_from(n).unwrap();
+        self.client
+            .execute(
+                "SELECT pgq.insert_event($1, 'k', $2 || '-' || i, $3, NULL, NULL, NULL) \
+                 FROM generate_series(0, $4 - 1) AS i",
+                &[&self.name, &tag, &exchange, &count],
+            )
+            .await
+            .unwrap();
+        self.tick().await;
+        (0..n).map(|i| format!("{tag}-{i}")).collect()
+    }
+
+    /// The consumer's open batch, if any.
+    pub async fn open_batch(&self) -> Option<i64> {
+        self.client
+            .query_one(
+                "SELECT current_batch FROM pgq.get_consumer_info($1, $2)",
+                &[&self.name, &self.consumer],
+            )
+            .await
+            .unwrap()
+            .get(0)
     }
 
     /// Inserts events and ticks, so they form one batch.
@@ -275,11 +315,18 @@ impl Drop for PgQueue {
     }
 }
 
-/// An exchange with an exclusive queue bound to it, collecting what arrives.
+/// An exchange with a queue bound to it, collecting what arrives.
+///
+/// By default the queue is exclusive and vanishes with the test's connection. A
+/// [`Sink::durable`] one survives a broker restart: the test calls
+/// [`Sink::reconnect`] afterwards and goes on collecting; it is deleted on drop.
 pub struct Sink {
     pub exchange: String,
     pub queue: String,
+    routing_keys: Vec<String>,
+    durable: bool,
     connection: Connection,
+    sender: mpsc::UnboundedSender<Delivery>,
     deliveries: mpsc::UnboundedReceiver<Delivery>,
 }
 
@@ -291,18 +338,41 @@ impl Sink {
 
     /// A topic exchange with a queue bound to the given routing keys.
     pub async fn bound(prefix: &str, routing_keys: &[&str]) -> Sink {
+        Self::declare(prefix, routing_keys, false).await
+    }
+
+    /// A durable exchange and queue (bound to `#`) that survive a broker restart.
+    pub async fn durable(prefix: &str) -> Sink {
+        Self::declare(prefix, &["#"], true).await
+    }
+
+    async fn declare(prefix: &str, routing_keys: &[&str], durable: bool) -> Sink {
+        let (sender, deliveries) = mpsc::unbounded_channel();
         let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
             .await
             .unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let exchange = unique(&format!("{prefix}_x"));
-        let queue = unique(&format!("{prefix}_q"));
+        let sink = Sink {
+            exchange: unique(&format!("{prefix}_x")),
+            queue: unique(&format!("{prefix}_q")),
+            routing_keys: routing_keys.iter().map(|k| (*k).to_owned()).collect(),
+            durable,
+            connection,
+            sender,
+            deliveries,
+        };
+        sink.declare_and_consume().await;
+        sink
+    }
+
+    async fn declare_and_consume(&self) {
+        let channel = self.connection.create_channel().await.unwrap();
         channel
             .exchange_declare(
-                exchange.as_str().into(),
+                self.exchange.as_str().into(),
                 ExchangeKind::Topic,
                 ExchangeDeclareOptions {
-                    auto_delete: true,
+                    durable: self.durable,
+                    auto_delete: !self.durable,
                     ..ExchangeDeclareOptions::default()
                 },
                 FieldTable::default(),
@@ -311,35 +381,42 @@ impl Sink {
             .unwrap();
         channel
             .queue_declare(
-                queue.as_str().into(),
+                self.queue.as_str().into(),
                 QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
+                    durable: self.durable,
+                    exclusive: !self.durable,
+                    auto_delete: !self.durable,
                     ..QueueDeclareOptions::default()
                 },
                 FieldTable::default(),
             )
             .await
             .unwrap();
-        for key in routing_keys {
+        for key in &self.routing_keys {
             channel
                 .queue_bind(
-                    queue.as_str().into(),
-                    exchange.as_str().into(),
-                    (*key).into(),
+                    self.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    key.as_str().into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 )
                 .await
                 .unwrap();
         }
-        let deliveries = consume(&channel, &queue).await;
-        Sink {
-            exchange,
-            queue,
-            connection,
-            deliveries,
-        }
+        consume(&channel, &self.queue, self.sender.clone()).await;
+    }
+
+    /// Connects again after the broker went away (durable sinks only).
+    pub async fn reconnect(&mut self) {
+        assert!(self.durable, "only a durable sink survives the broker going away");
+        self.connection = eventually("the test's own AMQP connection", || async {
+            Connection::connect(AMQP_URL, ConnectionProperties::default())
+                .await
+                .ok()
+        })
+        .await;
+        self.declare_and_consume().await;
     }
 
     /// Waits for `n` messages (and no fewer), in arrival order.
@@ -354,6 +431,14 @@ impl Sink {
             }
         }
         out
+    }
+
+    /// Waits for the next message, or `None` after `wait`.
+    pub async fn next_within(&mut self, wait: Duration) -> Option<Delivery> {
+        tokio::time::timeout(wait, self.deliveries.recv())
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Messages that arrived so far, without waiting.
@@ -375,8 +460,39 @@ impl Sink {
     }
 }
 
-/// Consumes `queue` into a channel, acking each message.
-async fn consume(channel: &lapin::Channel, queue: &str) -> mpsc::UnboundedReceiver<Delivery> {
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if !self.durable {
+            return;
+        }
+        let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                if let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                    && let Ok(channel) = connection.create_channel().await
+                {
+                    let _ = channel
+                        .queue_delete(
+                            queue.as_str().into(),
+                            lapin::options::QueueDeleteOptions::default(),
+                        )
+                        .await;
+                    let _ = channel
+                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Consumes `queue` into `sender`, acking each message after handing it on.
+async fn consume(channel: &lapin::Channel, queue: &str, sender: mpsc::UnboundedSender<Delivery>) {
     let mut consumer = channel
         .basic_consume(
             queue.into(),
@@ -386,16 +502,15 @@ async fn consume(channel: &lapin::Channel, queue: &str) -> mpsc::UnboundedReceiv
         )
         .await
         .unwrap();
-    let (sender, receiver) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
-            let _ = delivery.ack(BasicAckOptions::default()).await;
+            let acker = delivery.acker.clone();
             if sender.send(delivery).is_err() {
                 break;
             }
+            let _ = acker.ack(BasicAckOptions::default()).await;
         }
     });
-    receiver
 }
 
 /// A header's value, if present.
@@ -423,9 +538,17 @@ pub struct Relay {
     log_path: PathBuf,
 }
 
-/// Path of the relay binary under test.
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_mikkoo")
+/// Path of the relay binary under test: cargo's for tests; for examples (the chaos
+/// run), the `mikkoo` built next to them in `target/<profile>/`.
+pub fn binary() -> PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_mikkoo") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .and_then(|examples| examples.parent())
+        .unwrap()
+        .join("mikkoo")
 }
 
 /// A worker configuration block for `queue` with fast test timings; `extra` lines are

@@ -1,0 +1,290 @@
+//! The chaos run: relays a stream of events while injecting a random fault every few
+//! seconds, then accounts every event by fault kind: delivered, lost, duplicates.
+//!
+//! ```text
+//! scripts/chaos --seconds 120 --events 100000        # the full run (README "Delivery")
+//! scripts/chaos --seconds 20 --events 20000          # the short form scripts/test runs
+//! ```
+//!
+//! Faults: the relay's AMQP connection force-closed, RabbitMQ stopped and started, the
+//! relay's PostgreSQL backend terminated, PostgreSQL restarted, the relay SIGKILLed and
+//! started again, the relay SIGTERMed and started again. It disturbs the local servers:
+//! run it alone. Exits 1 if any event was lost or a copy carried another message id.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use rand::seq::IndexedRandom;
+use support::faults::*;
+use support::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    None,
+    AmqpClose,
+    RabbitRestart,
+    PgTerminate,
+    PgRestart,
+    Sigkill,
+    Sigterm,
+}
+
+const FAULTS: [Fault; 6] = [
+    Fault::AmqpClose,
+    Fault::RabbitRestart,
+    Fault::PgTerminate,
+    Fault::PgRestart,
+    Fault::Sigkill,
+    Fault::Sigterm,
+];
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::None => "(before any fault)",
+            Fault::AmqpClose => "amqp connection closed",
+            Fault::RabbitRestart => "rabbitmq restarted",
+            Fault::PgTerminate => "pg backend terminated",
+            Fault::PgRestart => "postgresql restarted",
+            Fault::Sigkill => "relay SIGKILLed",
+            Fault::Sigterm => "relay SIGTERMed",
+        }
+    }
+}
+
+struct Args {
+    seconds: u64,
+    events: usize,
+    batch: usize,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        seconds: 60,
+        events: 100_000,
+        batch: 500,
+    };
+    let mut iter = std::env::args().skip(1);
+    while let Some(flag) = iter.next() {
+        let value: u64 = iter.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+            eprintln!("usage: chaos [--seconds N] [--events N] [--batch N]");
+            std::process::exit(2);
+        });
+        match flag.as_str() {
+            "--seconds" => args.seconds = value,
+            "--events" => args.events = value as usize,
+            "--batch" => args.batch = value as usize,
+            _ => {
+                eprintln!("unknown argument {flag}");
+                std::process::exit(2);
+            }
+        }
+    }
+    args
+}
+
+/// When each fault started, to attribute events and copies to the fault before them.
+struct Timeline {
+    faults: Vec<(Instant, Fault)>,
+}
+
+impl Timeline {
+    fn at(&self, when: Instant) -> Fault {
+        self.faults
+            .iter()
+            .rev()
+            .find(|(start, _)| *start <= when)
+            .map_or(Fault::None, |(_, fault)| *fault)
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    let mut queue = PgQueue::create("chaos").await;
+    let mut sink = Sink::durable("chaos").await;
+    let config = config_yaml(&[worker_yaml(&queue.name, "max_in_flight: 100\nfetch_size: 200")]);
+    let mut relay = Relay::start(&config);
+    let mut ledger = Ledger::default();
+    let mut inserted_at: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut deliveries: Vec<(Instant, Received)> = Vec::new();
+    let mut timeline = Timeline { faults: Vec::new() };
+    let started = Instant::now();
+    let run_for = Duration::from_secs(args.seconds);
+    let batches = args.events.div_ceil(args.batch);
+    let pace = run_for.mul_f64(0.8) / u32::try_from(batches).unwrap_or(u32::MAX);
+    let mut next_fault = started + Duration::from_secs(3);
+    let mut rng = rand::rng();
+
+    println!(
+        "chaos: {} events in batches of {} over {}s, a fault every 2-5 s",
+        args.events, args.batch, args.seconds
+    );
+    while ledger.len() < args.events || started.elapsed() < run_for {
+        if ledger.len() < args.events {
+            let tag = format!("c{}", ledger.len() / args.batch);
+            let n = args.batch.min(args.events - ledger.len());
+            let bodies = queue.insert_generated(&sink.exchange, &tag, n).await;
+            let now = Instant::now();
+            for body in &bodies {
+                inserted_at.insert(body.clone(), now);
+            }
+            ledger.expect_batch(&bodies);
+        }
+        while let Some(delivery) = sink.next_within(Duration::ZERO).await {
+            deliveries.push((Instant::now(), Received::of(&delivery)));
+        }
+        if Instant::now() >= next_fault && started.elapsed() < run_for {
+            let fault = *FAULTS.choose(&mut rng).unwrap();
+            println!("  {:>5.1}s  {}", started.elapsed().as_secs_f64(), fault.name());
+            timeline.faults.push((Instant::now(), fault));
+            inject(fault, &mut queue, &mut sink, &mut relay, &config).await;
+            next_fault = Instant::now() + Duration::from_millis(2000 + rand::random_range(0..3000));
+        }
+        tokio::time::sleep(pace.min(Duration::from_millis(200))).await;
+    }
+
+    println!(
+        "  {:>5.1}s  faults over; waiting for every event",
+        started.elapsed().as_secs_f64()
+    );
+    let mut missing: std::collections::HashSet<String> = inserted_at.keys().cloned().collect();
+    deliveries.iter().for_each(|(_, r)| {
+        missing.remove(&r.body);
+    });
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !missing.is_empty() && Instant::now() < deadline {
+        if let Some(delivery) = sink.next_within(Duration::from_millis(200)).await {
+            let received = Received::of(&delivery);
+            missing.remove(&received.body);
+            deliveries.push((Instant::now(), received));
+        }
+    }
+    if missing.is_empty() {
+        // Copies still on their way arrive before a sentinel inserted now.
+        queue.wait_drained().await;
+        let sentinel = unique("sentinel");
+        queue
+            .insert_batch(&[NewEvent::to(&sink.exchange, "k", &sentinel)])
+            .await;
+        loop {
+            let received = Received::of(&sink.take(1).await.remove(0));
+            if received.body == sentinel {
+                break;
+            }
+            deliveries.push((Instant::now(), received));
+        }
+    }
+    assert!(relay.stop().await.success());
+    let ok = report(&ledger, &inserted_at, &deliveries, &timeline);
+    std::process::exit(if ok { 0 } else { 1 });
+}
+
+async fn inject(fault: Fault, queue: &mut PgQueue, sink: &mut Sink, relay: &mut Relay, config: &str) {
+    match fault {
+        Fault::None => {}
+        Fault::AmqpClose => {
+            let name = queue.name.clone();
+            tokio::task::spawn_blocking(move || close_relay_connection(&name))
+                .await
+                .unwrap();
+        }
+        Fault::RabbitRestart => {
+            tokio::task::spawn_blocking(rabbit_stop_app).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            rabbit_start_app().await;
+            sink.reconnect().await;
+        }
+        Fault::PgTerminate => {
+            terminate_relay_backends(&queue.name).await;
+        }
+        Fault::PgRestart => {
+            restart_postgres().await;
+            queue.reconnect().await;
+        }
+        Fault::Sigkill => {
+            relay.signal(Signal::SIGKILL);
+            relay.wait_exit().await;
+            *relay = Relay::start(config);
+        }
+        Fault::Sigterm => {
+            let status = relay.stop().await;
+            assert!(status.success(), "SIGTERM exit status {status:?}");
+            *relay = Relay::start(config);
+        }
+    }
+}
+
+/// Prints delivered / lost / duplicates per fault kind; true when nothing was lost.
+fn report(
+    ledger: &Ledger,
+    inserted_at: &BTreeMap<String, Instant>,
+    deliveries: &[(Instant, Received)],
+    timeline: &Timeline,
+) -> bool {
+    let verdict = ledger.verify_received(deliveries.iter().map(|(_, r)| r.clone()));
+    #[derive(Default)]
+    struct Row {
+        injected: usize,
+        delivered: usize,
+        lost: usize,
+        duplicates: usize,
+    }
+    let mut rows: BTreeMap<Fault, Row> = BTreeMap::new();
+    for (_, fault) in &timeline.faults {
+        rows.entry(*fault).or_default().injected += 1;
+    }
+    let mut first_copy: BTreeMap<String, ()> = BTreeMap::new();
+    for (arrived, received) in deliveries {
+        if !inserted_at.contains_key(&received.body) || received.redelivered {
+            continue;
+        }
+        if first_copy.insert(received.body.clone(), ()).is_some() {
+            rows.entry(timeline.at(*arrived)).or_default().duplicates += 1;
+        }
+    }
+    for (body, when) in inserted_at {
+        let row = rows.entry(timeline.at(*when)).or_default();
+        if first_copy.contains_key(body) {
+            row.delivered += 1;
+        } else {
+            row.lost += 1;
+        }
+    }
+    println!();
+    println!(
+        "{:<26} {:>8} {:>10} {:>6} {:>11}",
+        "fault kind", "injected", "delivered", "lost", "duplicates"
+    );
+    for (fault, row) in &rows {
+        println!(
+            "{:<26} {:>8} {:>10} {:>6} {:>11}",
+            fault.name(),
+            row.injected,
+            row.delivered,
+            row.lost,
+            row.duplicates
+        );
+    }
+    println!(
+        "{:<26} {:>8} {:>10} {:>6} {:>11}",
+        "total",
+        timeline.faults.len(),
+        verdict.delivered,
+        verdict.lost.len(),
+        verdict.duplicates
+    );
+    if !verdict.inconsistent_ids.is_empty() {
+        println!(
+            "copies with different message ids: {:?}",
+            verdict.inconsistent_ids
+        );
+    }
+    verdict.lost.is_empty() && verdict.inconsistent_ids.is_empty()
+}

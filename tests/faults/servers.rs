@@ -1,0 +1,275 @@
+//! RabbitMQ and PostgreSQL going away under the relay.
+
+use std::time::Duration;
+
+use crate::support::faults::*;
+use crate::support::*;
+
+#[tokio::test]
+async fn amqp_connection_force_closed_mid_batch() {
+    let _servers = shared().await;
+    let mut queue = PgQueue::create("fault_close").await;
+    let mut sink = Sink::topic("fault_close").await;
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, SLOW_BATCHES)]));
+    let mut ledger = Ledger::default();
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "close", 1, 5000).await;
+    let mut deliveries = Vec::new();
+    wait_mid_batch(&mut sink, &queue, &mut deliveries, 300).await;
+    assert_eq!(
+        close_relay_connection(&queue.name),
+        1,
+        "the relay has exactly one connection"
+    );
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "close", 2, 500).await;
+    collect_all(&mut sink, &mut queue, &ledger, &mut deliveries).await;
+    ledger.verify(&deliveries).assert_promise(1);
+    wait_relay_connections(&queue.name, 1).await;
+    assert!(
+        relay.log().contains("worker failed; reconnecting"),
+        "{}",
+        relay.log()
+    );
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn broker_unreachable_at_start_then_reachable() {
+    let _servers = shared().await;
+    let mut queue = PgQueue::create("fault_late_broker").await;
+    let mut sink = Sink::topic("fault_late_broker").await;
+    let mut proxy = Proxy::reserved("127.0.0.1:5672").await;
+    let worker = worker_yaml(&queue.name, "").replace(
+        &format!("rabbitmq_url: {AMQP_URL}"),
+        &format!("rabbitmq: {{host: 127.0.0.1, port: {}}}", proxy.port),
+    );
+    let mut relay = Relay::start(&config_yaml(&[worker]));
+    let mut ledger = Ledger::default();
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "late", 3, 100).await;
+    relay.wait_for_log("cannot connect to RabbitMQ").await;
+    assert!(sink.next_within(Duration::from_millis(300)).await.is_none());
+    proxy.start().await;
+    let mut deliveries = Vec::new();
+    collect_all(&mut sink, &mut queue, &ledger, &mut deliveries).await;
+    let verdict = ledger.verify(&deliveries);
+    verdict.assert_promise(0);
+    assert_eq!(
+        verdict.duplicates, 0,
+        "nothing was published before the broker came"
+    );
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn silent_broker_is_detected_by_the_confirm_timeout() {
+    let _servers = shared().await;
+    let mut queue = PgQueue::create("fault_silent").await;
+    let mut sink = Sink::topic("fault_silent").await;
+    let mut proxy = Proxy::reserved("127.0.0.1:5672").await;
+    proxy.start().await;
+    let worker = worker_yaml(&queue.name, &format!("{SLOW_BATCHES}\nconfirm_timeout: 1s")).replace(
+        &format!("rabbitmq_url: {AMQP_URL}"),
+        &format!(
+            "rabbitmq: {{host: 127.0.0.1, port: {}, heartbeat_interval: 0}}",
+            proxy.port
+        ),
+    );
+    let mut relay = Relay::start(&config_yaml(&[worker]));
+    let mut ledger = Ledger::default();
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "silent", 1, 5000).await;
+    let mut deliveries = Vec::new();
+    wait_mid_batch(&mut sink, &queue, &mut deliveries, 200).await;
+    proxy.stall_existing();
+    relay.wait_for_log("no publisher confirm within").await;
+    collect_all(&mut sink, &mut queue, &ledger, &mut deliveries).await;
+    ledger.verify(&deliveries).assert_promise(1);
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn rabbitmq_restart_mid_batch() {
+    let _serial = serial().await;
+    let mut queue = PgQueue::create("fault_rabbit_restart").await;
+    let mut sink = Sink::durable("fault_rabbit_restart").await;
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, SLOW_BATCHES)]));
+    let mut ledger = Ledger::default();
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "restart", 1, 5000).await;
+    let mut deliveries = Vec::new();
+    wait_mid_batch(&mut sink, &queue, &mut deliveries, 300).await;
+    tokio::task::spawn_blocking(rabbit_stop_app).await.unwrap();
+    // Whatever the test's consumer had not taken yet stays in the durable queue.
+    deliveries.extend(sink.drain_now());
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "restart", 1, 500).await;
+    relay.wait_for_log("worker failed; reconnecting").await;
+    rabbit_start_app().await;
+    sink.reconnect().await;
+    collect_all(&mut sink, &mut queue, &ledger, &mut deliveries).await;
+    ledger.verify(&deliveries).assert_promise(1);
+    wait_relay_connections(&queue.name, 1).await;
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn postgres_backend_terminated_mid_batch() {
+    let _servers = shared().await;
+    let mut queue = PgQueue::create("fault_pg_kill").await;
+    let mut sink = Sink::topic("fault_pg_kill").await;
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, SLOW_BATCHES)]));
+    let mut ledger = Ledger::default();
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "pgkill", 1, 5000).await;
+    let mut deliveries = Vec::new();
+    wait_mid_batch(&mut sink, &queue, &mut deliveries, 500).await;
+    assert_eq!(
+        terminate_relay_backends(&queue.name).await,
+        1,
+        "the relay has exactly one session"
+    );
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "pgkill", 1, 200).await;
+    collect_all(&mut sink, &mut queue, &ledger, &mut deliveries).await;
+    let verdict = ledger.verify(&deliveries);
+    verdict.assert_promise(1);
+    assert_eq!(
+        verdict.duplicates, 0,
+        "confirmed events of the resumed batch are not published again"
+    );
+    assert!(
+        relay.log().contains("worker failed; reconnecting"),
+        "{}",
+        relay.log()
+    );
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn postgres_restart_mid_batch() {
+    let _serial = serial().await;
+    let mut queue = PgQueue::create("fault_pg_restart").await;
+    let mut sink = Sink::topic("fault_pg_restart").await;
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, SLOW_BATCHES)]));
+    let mut ledger = Ledger::default();
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "pgrestart", 1, 5000).await;
+    let mut deliveries = Vec::new();
+    wait_mid_batch(&mut sink, &queue, &mut deliveries, 500).await;
+    restart_postgres().await;
+    queue.reconnect().await;
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "pgrestart", 1, 200).await;
+    collect_all(&mut sink, &mut queue, &ledger, &mut deliveries).await;
+    let verdict = ledger.verify(&deliveries);
+    verdict.assert_promise(1);
+    assert_eq!(
+        verdict.duplicates, 0,
+        "confirmed events of the resumed batch are not published again"
+    );
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn a_failing_broker_does_not_hold_up_another_queue() {
+    let _servers = shared().await;
+    let mut healthy = PgQueue::create("fault_iso_ok").await;
+    let mut broken = PgQueue::create("fault_iso_bad").await;
+    let mut sink = Sink::topic("fault_iso").await;
+    let bad_worker = worker_yaml(&broken.name, "").replace(
+        &format!("rabbitmq_url: {AMQP_URL}"),
+        "rabbitmq: {host: 127.0.0.1, port: 1}",
+    );
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&healthy.name, ""), bad_worker]));
+    let mut ledger = Ledger::default();
+    insert_batches(
+        &mut broken,
+        &mut Ledger::default(),
+        &sink.exchange,
+        "never",
+        2,
+        50,
+    )
+    .await;
+    insert_batches(&mut healthy, &mut ledger, &sink.exchange, "iso", 20, 200).await;
+    let mut deliveries = Vec::new();
+    collect_all(&mut sink, &mut healthy, &ledger, &mut deliveries).await;
+    let verdict = ledger.verify(&deliveries);
+    verdict.assert_promise(0);
+    assert_eq!(verdict.duplicates, 0);
+    let log = relay.log();
+    let retries = log
+        .lines()
+        .filter(|line| line.contains("worker failed; reconnecting") && line.contains(&broken.name))
+        .count();
+    assert!(
+        retries >= 2,
+        "the broken worker keeps retrying with backoff: {log}"
+    );
+    assert!(
+        !broken.is_drained().await,
+        "the broken queue's events wait for its broker"
+    );
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn consumer_unregistered_behind_the_relays_back_is_registered_again() {
+    let _servers = shared().await;
+    let mut queue = PgQueue::create("fault_unregister").await;
+    let mut sink = Sink::topic("fault_unregister").await;
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "")]));
+    queue
+        .insert_batch(&[NewEvent::to(&sink.exchange, "k", "before")])
+        .await;
+    assert_eq!(body(&sink.take(1).await[0]), "before");
+    queue
+        .client
+        .execute(
+            "SELECT pgq.unregister_consumer($1, $2)",
+            &[&queue.name, &queue.consumer],
+        )
+        .await
+        .unwrap();
+    relay
+        .wait_for_log("consumer unregistered behind the relay's back")
+        .await;
+    eventually("the consumer to be registered again", || async {
+        let row = queue
+            .client
+            .query_one(
+                "SELECT count(*) FROM pgq.get_consumer_info($1) WHERE consumer_name = $2",
+                &[&queue.name, &queue.consumer],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await;
+    queue
+        .insert_batch(&[NewEvent::to(&sink.exchange, "k", "after")])
+        .await;
+    assert_eq!(body(&sink.take(1).await[0]), "after");
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn blocked_connection_pauses_publishing() {
+    let _serial = serial().await;
+    let mut queue = PgQueue::create("fault_blocked").await;
+    let mut sink = Sink::topic("fault_blocked").await;
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "")]));
+    queue
+        .insert_batch(&[NewEvent::to(&sink.exchange, "k", "warm-up")])
+        .await;
+    sink.take(1).await;
+    let set_watermark = |value: &'static str| {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "set_vm_memory_high_watermark", value])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    set_watermark("0.0000001");
+    let mut ledger = Ledger::default();
+    insert_batches(&mut queue, &mut ledger, &sink.exchange, "blocked", 1, 50).await;
+    relay.wait_for_log("rabbitmq blocked the connection").await;
+    set_watermark("0.4");
+    let mut deliveries = Vec::new();
+    collect_all(&mut sink, &mut queue, &ledger, &mut deliveries).await;
+    ledger.verify(&deliveries).assert_promise(1);
+    relay.wait_for_log("rabbitmq unblocked the connection").await;
+    assert!(relay.stop().await.success());
+}
