@@ -111,14 +111,10 @@ async fn main() {
     let mut sink = Sink::durable("chaos").await;
     let config = config_yaml(&[worker_yaml(&queue.name, "max_in_flight: 100\nfetch_size: 200")]);
     let mut relay = Relay::start(&config);
-    let mut ledger = Ledger::default();
-    let mut inserted_at: BTreeMap<String, Instant> = BTreeMap::new();
     let mut deliveries: Vec<(Instant, Received)> = Vec::new();
     let mut timeline = Timeline { faults: Vec::new() };
     let started = Instant::now();
     let run_for = Duration::from_secs(args.seconds);
-    let batches = args.events.div_ceil(args.batch);
-    let pace = run_for.mul_f64(0.8) / u32::try_from(batches).unwrap_or(u32::MAX);
     let mut next_fault = started + Duration::from_secs(3);
     let mut rng = rand::rng();
 
@@ -126,18 +122,15 @@ async fn main() {
         "chaos: {} events in batches of {} over {}s, a fault every 2-5 s",
         args.events, args.batch, args.seconds
     );
-    while ledger.len() < args.events || started.elapsed() < run_for {
-        if ledger.len() < args.events {
-            let tag = format!("c{}", ledger.len() / args.batch);
-            let n = args.batch.min(args.events - ledger.len());
-            let bodies = queue.insert_generated(&sink.exchange, &tag, n).await;
-            let now = Instant::now();
-            for body in &bodies {
-                inserted_at.insert(body.clone(), now);
-            }
-            ledger.expect_batch(&bodies);
-        }
-        while let Some(delivery) = sink.next_within(Duration::ZERO).await {
+    let producer = tokio::spawn(produce(
+        queue.name.clone(),
+        sink.exchange.clone(),
+        args.events,
+        args.batch,
+        run_for.mul_f64(0.8),
+    ));
+    while !producer.is_finished() || started.elapsed() < run_for {
+        if let Some(delivery) = sink.next_within(Duration::from_millis(50)).await {
             deliveries.push((Instant::now(), Received::of(&delivery)));
         }
         if Instant::now() >= next_fault && started.elapsed() < run_for {
@@ -147,8 +140,8 @@ async fn main() {
             inject(fault, &mut queue, &mut sink, &mut relay, &config).await;
             next_fault = Instant::now() + Duration::from_millis(2000 + rand::random_range(0..3000));
         }
-        tokio::time::sleep(pace.min(Duration::from_millis(200))).await;
     }
+    let (ledger, inserted_at) = producer.await.unwrap();
 
     println!(
         "  {:>5.1}s  faults over; waiting for every event",
@@ -184,6 +177,62 @@ async fn main() {
     assert!(relay.stop().await.success());
     let ok = report(&ledger, &inserted_at, &deliveries, &timeline);
     std::process::exit(if ok { 0 } else { 1 });
+}
+
+/// Inserts `events` events in batches of `batch`, evenly over `spread`, on its own
+/// session (which survives PostgreSQL restarts by reconnecting). Returns what it
+/// inserted, and when.
+async fn produce(
+    queue: String,
+    exchange: String,
+    events: usize,
+    batch: usize,
+    spread: Duration,
+) -> (Ledger, BTreeMap<String, Instant>) {
+    let mut ledger = Ledger::default();
+    let mut inserted_at = BTreeMap::new();
+    let batches = u32::try_from(events.div_ceil(batch)).unwrap_or(u32::MAX).max(1);
+    let pace = spread / batches;
+    let mut client = connect_until_up().await;
+    let mut inserted = 0;
+    while inserted < events {
+        let n = batch.min(events - inserted);
+        let tag = format!("c{}", ledger.len() / batch);
+        let count = i32::try_from(n).unwrap();
+        let insert = client
+            .execute(
+                "SELECT pgq.insert_event($1, 'k', $2 || '-' || i, $3, NULL, NULL, NULL) \
+                 FROM generate_series(0, $4 - 1) AS i",
+                &[&queue, &tag, &exchange, &count],
+            )
+            .await;
+        if insert.is_err() {
+            // PostgreSQL restarted under us; nothing was inserted (one statement).
+            client = connect_until_up().await;
+            continue;
+        }
+        let _ = client.query_one("SELECT pgq.ticker($1)", &[&queue]).await;
+        let bodies: Vec<String> = (0..n).map(|i| format!("{tag}-{i}")).collect();
+        let now = Instant::now();
+        for body in &bodies {
+            inserted_at.insert(body.clone(), now);
+        }
+        ledger.expect_batch(&bodies);
+        inserted += n;
+        tokio::time::sleep(pace).await;
+    }
+    (ledger, inserted_at)
+}
+
+async fn connect_until_up() -> tokio_postgres::Client {
+    eventually("PostgreSQL for the producer", || async {
+        let (client, connection) = tokio_postgres::connect(PG_URL, tokio_postgres::NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        Some(client)
+    })
+    .await
 }
 
 async fn inject(fault: Fault, queue: &mut PgQueue, sink: &mut Sink, relay: &mut Relay, config: &str) {
