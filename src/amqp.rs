@@ -78,13 +78,16 @@ pub enum Outcome {
 
 impl Outcome {
     /// Waits for a published message's confirm and names the answer.
-    pub async fn of(confirm: PublisherConfirm) -> Outcome {
+    pub async fn of(confirm: impl Future<Output = lapin::Result<Confirmation>>) -> Outcome {
         Self::from_result(confirm.await)
     }
 
     /// Waits at most `deadline` for a confirm: a broker that stays silent that long is
     /// treated as a lost connection (TCP may not have noticed yet).
-    pub async fn within(confirm: PublisherConfirm, deadline: Duration) -> Outcome {
+    pub async fn within(
+        confirm: impl Future<Output = lapin::Result<Confirmation>>,
+        deadline: Duration,
+    ) -> Outcome {
         match tokio::time::timeout(deadline, Self::of(confirm)).await {
             Ok(outcome) => outcome,
             Err(_) => Outcome::ConnectionLost {
@@ -258,20 +261,20 @@ impl Broker {
     /// could not take the message at all.
     pub async fn publish(
         &self,
-        message: &Message,
+        message: Message,
         body: &[u8],
         mandatory: bool,
     ) -> Result<PublisherConfirm, lapin::Error> {
         self.channel
             .basic_publish(
-                message.exchange.clone(),
-                message.routing_key.clone(),
+                message.exchange,
+                message.routing_key,
                 BasicPublishOptions {
                     mandatory,
                     immediate: false,
                 },
                 body,
-                message.properties.clone(),
+                message.properties,
             )
             .await
     }
@@ -279,7 +282,7 @@ impl Broker {
     /// Publishes one message and waits (at most `deadline`) for the broker's answer.
     pub async fn publish_and_wait(
         &self,
-        message: &Message,
+        message: Message,
         body: &[u8],
         mandatory: bool,
         deadline: Duration,

@@ -143,7 +143,7 @@ impl Settlement {
                     let message =
                         dead_letter_message(config, exchange, routing_key.as_deref(), event, reason);
                     match broker
-                        .publish_and_wait(&message, event.body(), true, config.confirm_timeout)
+                        .publish_and_wait(message, event.body(), true, config.confirm_timeout)
                         .await
                     {
                         Outcome::Acked => {
