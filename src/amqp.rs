@@ -18,11 +18,13 @@ use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserIn
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, PublisherConfirm};
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::config::{RabbitmqConfig, TlsOptions};
 use crate::mapping::Message;
+use crate::stats::WorkerStats;
 
 /// Why the broker could not be reached or used.
 #[derive(Debug, thiserror::Error)]
@@ -151,12 +153,19 @@ impl Drop for Broker {
 impl Broker {
     /// Connects to the first host that answers, opens the publishing channel and (when
     /// `confirm`) turns on publisher confirms.
-    pub async fn connect(config: &RabbitmqConfig, queue: &str, confirm: bool) -> Result<Broker, AmqpError> {
+    /// `observer`, when given, hears of blocking and connection failures as they happen
+    /// (for `/readyz`), not only when the worker next looks.
+    pub async fn connect(
+        config: &RabbitmqConfig,
+        queue: &str,
+        confirm: bool,
+        observer: Option<Arc<WorkerStats>>,
+    ) -> Result<Broker, AmqpError> {
         let mut last_error = None;
         for host in &config.hosts {
             match tokio::time::timeout(
                 config.connect_timeout,
-                Self::connect_host(config, host, queue, confirm),
+                Self::connect_host(config, host, queue, confirm, observer.clone()),
             )
             .await
             {
@@ -181,6 +190,7 @@ impl Broker {
         host: &str,
         queue: &str,
         confirm: bool,
+        observer: Option<Arc<WorkerStats>>,
     ) -> Result<Broker, AmqpError> {
         let address = format!("{host}:{}", config.port);
         let connect_error = |reason: String| AmqpError::Connect {
@@ -239,6 +249,7 @@ impl Broker {
             connection.events_listener(),
             blocked_tx,
             failed_tx,
+            observer,
         ));
         Ok(Broker {
             connection,
@@ -356,6 +367,7 @@ async fn forward_events(
     events: impl futures_util::Stream<Item = lapin::Event>,
     blocked: watch::Sender<Option<String>>,
     failed: watch::Sender<Option<String>>,
+    observer: Option<Arc<WorkerStats>>,
 ) {
     use futures_util::StreamExt;
     let mut events = std::pin::pin!(events);
@@ -363,15 +375,25 @@ async fn forward_events(
         match event {
             lapin::Event::ConnectionBlocked(reason) => {
                 tracing::warn!(%reason, "rabbitmq blocked the connection; publishing paused");
+                if let Some(stats) = &observer {
+                    stats.set_blocked(Some(reason.clone()));
+                }
                 blocked.send_replace(Some(reason));
             }
             lapin::Event::ConnectionUnblocked => {
                 tracing::info!("rabbitmq unblocked the connection; publishing resumes");
+                if let Some(stats) = &observer {
+                    stats.set_blocked(None);
+                }
                 blocked.send_replace(None);
             }
             // Channel-level (soft) errors are settled per event by the worker; only a
             // connection-level failure makes the connection unusable.
             lapin::Event::Error(error) if !error.is_amqp_soft_error() => {
+                if let Some(stats) = &observer {
+                    stats.set_broker_connected(false);
+                    stats.set_last_error(Some(format!("lost the RabbitMQ connection: {error}")));
+                }
                 failed.send_replace(Some(error.to_string()));
             }
             _ => {}

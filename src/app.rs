@@ -9,10 +9,15 @@
 
 use std::path::Path;
 
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::logging::LogHandle;
+use crate::stats::Registry;
 use crate::supervisor::Supervisor;
 
 /// Why the relay stopped other than cleanly.
@@ -24,6 +29,15 @@ pub enum RunError {
     /// A second SIGINT asked to stop without waiting.
     #[error("stopped at once on a second SIGINT; open batches will be relayed again")]
     Interrupted,
+    /// The HTTP endpoints could not listen.
+    #[error("cannot listen on {address} (Application.http.listen): {source}")]
+    Listen {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The signals the relay reacts to.
@@ -50,7 +64,32 @@ impl Signals {
 pub async fn run(config: Config, origin: String, log: Option<LogHandle>) -> Result<(), RunError> {
     let mut signals = Signals::install()?;
     let path = config.file.clone();
-    let mut supervisor = Supervisor::start(&config, origin);
+    let registry = Arc::new(Registry::default());
+    let reporting = CancellationToken::new();
+    let mut reporters = Vec::new();
+    if let Some(http) = &config.application.http {
+        let listener = TcpListener::bind(http.listen)
+            .await
+            .map_err(|source| RunError::Listen {
+                address: http.listen,
+                source,
+            })?;
+        reporters.push(tokio::spawn(crate::http::serve(
+            listener,
+            Arc::clone(&registry),
+            reporting.clone(),
+        )));
+    }
+    if config.application.statsd.enabled {
+        let statsd = config.application.statsd.clone();
+        reporters.push(tokio::spawn(crate::statsd::run(
+            statsd,
+            Arc::clone(&registry),
+            reporting.clone(),
+        )));
+    }
+    let mut running = config;
+    let mut supervisor = Supervisor::start(&running, origin, registry);
     loop {
         tokio::select! {
             _ = signals.terminate.recv() => {
@@ -61,20 +100,35 @@ pub async fn run(config: Config, origin: String, log: Option<LogHandle>) -> Resu
                 tracing::info!("SIGINT: stopping gracefully (send SIGINT again to stop at once)");
                 break;
             }
-            _ = signals.hangup.recv() => reload(&path, &mut supervisor, log.as_ref()),
+            _ = signals.hangup.recv() => {
+                if let Some(config) = reload(&path, &running, &mut supervisor, log.as_ref()) {
+                    running = config;
+                }
+            }
             _ = signals.user1.recv() => log_status(&supervisor),
         }
     }
-    tokio::select! {
-        _ = supervisor.shutdown() => {
-            tracing::info!("stopped");
-            Ok(())
-        }
+    let stopped = tokio::select! {
+        _ = supervisor.shutdown() => Ok(()),
         _ = signals.interrupt.recv() => Err(RunError::Interrupted),
+    };
+    reporting.cancel();
+    for reporter in reporters {
+        let _ = reporter.await;
     }
+    if stopped.is_ok() {
+        tracing::info!("stopped");
+    }
+    stopped
 }
 
-fn reload(path: &Path, supervisor: &mut Supervisor, log: Option<&LogHandle>) {
+/// Applies the configuration file again; returns it when it was valid.
+fn reload(
+    path: &Path,
+    running: &Config,
+    supervisor: &mut Supervisor,
+    log: Option<&LogHandle>,
+) -> Option<Config> {
     tracing::info!(file = %path.display(), "SIGHUP: reloading the configuration");
     let config = match Config::load(path) {
         Ok(config) => config,
@@ -82,9 +136,36 @@ fn reload(path: &Path, supervisor: &mut Supervisor, log: Option<&LogHandle>) {
             for error in &errors.errors {
                 tracing::error!(file = %path.display(), error = %error, "configuration reload refused; running unchanged");
             }
-            return;
+            return None;
         }
     };
+    let needs_restart = [
+        (
+            "Application.http",
+            running.application.http != config.application.http,
+        ),
+        (
+            "Application.statsd",
+            running.application.statsd != config.application.statsd,
+        ),
+        (
+            "Application.sentry_dsn",
+            running.application.sentry_dsn != config.application.sentry_dsn,
+        ),
+        (
+            "Application.origin",
+            running.application.origin != config.application.origin,
+        ),
+        ("Daemon", running.daemon != config.daemon),
+    ];
+    for (section, changed) in needs_restart {
+        if changed {
+            tracing::warn!(
+                section,
+                "changed on reload; this section takes effect at the next restart"
+            );
+        }
+    }
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -94,6 +175,7 @@ fn reload(path: &Path, supervisor: &mut Supervisor, log: Option<&LogHandle>) {
         tracing::error!(%error, "log levels not changed");
     }
     supervisor.apply(&config);
+    Some(config)
 }
 
 fn log_status(supervisor: &Supervisor) {

@@ -65,7 +65,7 @@ pub async fn connect_all(config: &Config) -> (String, bool) {
                 );
             }
         }
-        match Broker::connect(&worker.rabbitmq, queue, worker.confirm).await {
+        match Broker::connect(&worker.rabbitmq, queue, worker.confirm, None).await {
             Ok(broker) => {
                 let _ = writeln!(out, "  {queue}: RabbitMQ at {} ok", broker.address());
                 broker.close().await;

@@ -43,6 +43,13 @@ pub enum Command {
         #[arg(long)]
         connect: bool,
     },
+    /// Per queue, from PostgreSQL: consumer registered?, lag, last seen, pending
+    /// events, open batch, ticker lag, dead letters
+    Status {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the helper SQL schema (install it with `mikkoo sql | psql`)
     Sql,
 }

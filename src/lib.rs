@@ -20,7 +20,12 @@
 //! - [`amqp`]: the RabbitMQ connection, publishing and naming the broker's answers.
 //! - [`deadletter`]: the `mikkoo.dead_letter` table.
 //! - [`error`]: connection-ending failures and which link to reopen.
-//! - [`stats`]: per-worker counters and state.
+//! - [`stats`]: per-worker counters, gauges, histograms, readiness; the registry.
+//! - [`metrics`]: metric names; Prometheus text and statsd lines.
+//! - [`http`]: `/metrics`, `/livez`, `/readyz`, `/status`.
+//! - [`statsd`]: the statsd reporter (UDP or TCP, flushed every second).
+//! - [`status`]: `mikkoo status`.
+//! - [`ticker`]: the built-in PgQ ticker and maintenance.
 //! - [`logging`]: log levels and outputs from the `Logging` section.
 //! - [`daemon`]: detaching, pidfile, dropping privileges.
 //! - [`check`]: `mikkoo check`.
@@ -37,11 +42,16 @@ pub mod deadletter;
 pub mod error;
 pub mod event;
 pub mod host;
+pub mod http;
 pub mod logging;
 pub mod mapping;
+pub mod metrics;
 pub mod pgconn;
 pub mod pgq;
 pub mod schema;
 pub mod stats;
+pub mod statsd;
+pub mod status;
 pub mod supervisor;
+pub mod ticker;
 pub mod worker;

@@ -8,7 +8,7 @@ use clap::Parser;
 use mikkoo::cli::{Cli, Command};
 use mikkoo::config::Config;
 use mikkoo::logging::{self, LogOverrides};
-use mikkoo::{app, check, daemon, host, schema};
+use mikkoo::{app, check, daemon, host, schema, status};
 
 /// Exit status for usage and configuration errors.
 const EXIT_CONFIG: u8 = 2;
@@ -23,6 +23,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Check { connect }) => check_config(&cli, connect),
+        Some(Command::Status { json }) => show_status(&cli, json),
         None => run(&cli),
     }
 }
@@ -49,9 +50,9 @@ fn check_config(cli: &Cli, connect: bool) -> ExitCode {
     if !connect {
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match current_thread_runtime() {
         Ok(runtime) => runtime,
-        Err(error) => return fatal(&format!("cannot start the async runtime: {error}")),
+        Err(code) => return code,
     };
     let (report, all_ok) = runtime.block_on(check::connect_all(&config));
     print!("{report}");
@@ -60,6 +61,35 @@ fn check_config(cli: &Cli, connect: bool) -> ExitCode {
     } else {
         eprintln!("mikkoo: some servers could not be reached (see above)");
         ExitCode::from(EXIT_FATAL)
+    }
+}
+
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| fatal(&format!("cannot start the async runtime: {error}")))
+}
+
+fn show_status(cli: &Cli, json: bool) -> ExitCode {
+    let config = match load(cli) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match current_thread_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let statuses = runtime.block_on(status::collect(&config));
+    if json {
+        println!("{}", status::json(&statuses));
+    } else {
+        print!("{}", status::table(&statuses));
+    }
+    if statuses.iter().any(|s| s.error.is_some()) {
+        ExitCode::from(EXIT_FATAL)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

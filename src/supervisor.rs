@@ -1,9 +1,11 @@
-//! One worker per configured queue: starting them, restarting one that panicked,
-//! applying a reloaded configuration, and the ordered shutdown.
+//! One worker per configured queue, and one built-in ticker per database when asked:
+//! starting them, restarting a worker that panicked, applying a reloaded configuration,
+//! and the ordered shutdown. It keeps the [`Registry`] of running workers current.
 //!
 //! Workers are independent tasks; the supervisor never waits on one to serve another.
 //! On reload, workers whose settings did not change are left untouched; removed ones are
-//! stopped gracefully; changed ones are stopped gracefully and started again.
+//! stopped gracefully; changed ones are stopped gracefully and started again once the old
+//! one has finished, so two workers of one queue never run in one process.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -11,11 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, WorkerConfig};
-use crate::stats::WorkerStats;
+use crate::config::{Config, TickerConfig, WorkerConfig};
+use crate::pgconn::PgTarget;
+use crate::stats::{Registry, WorkerStats};
 use crate::worker::Worker;
 
 /// A running worker.
@@ -26,17 +30,26 @@ struct RunningWorker {
     stop: CancellationToken,
     /// The task running it (and restarting it after a panic).
     handle: JoinHandle<()>,
-    /// What it reports.
-    stats: Arc<WorkerStats>,
 }
 
-/// The set of running workers.
+/// A running built-in ticker for one database.
+struct RunningTicker {
+    stop: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+/// The set of running workers and tickers.
 pub struct Supervisor {
     workers: BTreeMap<String, RunningWorker>,
+    /// Built-in tickers by database (`host:port/dbname`).
+    tickers: BTreeMap<String, RunningTicker>,
+    ticker_config: TickerConfig,
+    /// What the workers report, read by `/metrics`, `/readyz`, `/status` and statsd.
+    registry: Arc<Registry>,
     /// Value of the `origin` header for every worker.
     origin: String,
     poll_interval: Duration,
-    /// Workers being stopped after a reload, awaited at shutdown.
+    /// Workers and tickers being stopped after a reload, awaited at shutdown.
     retiring: Vec<JoinHandle<()>>,
 }
 
@@ -44,55 +57,53 @@ pub struct Supervisor {
 const PANIC_RESTART_DELAY: Duration = Duration::from_secs(1);
 
 impl Supervisor {
-    /// Starts a worker for every queue in `config`.
-    pub fn start(config: &Config, origin: String) -> Supervisor {
+    /// Starts a worker for every queue in `config` (and the tickers it asks for).
+    pub fn start(config: &Config, origin: String, registry: Arc<Registry>) -> Supervisor {
         let mut supervisor = Supervisor {
             workers: BTreeMap::new(),
+            tickers: BTreeMap::new(),
+            ticker_config: config.application.ticker.clone(),
+            registry,
             origin,
             poll_interval: config.application.poll_interval,
             retiring: Vec::new(),
         };
         for worker in config.application.workers.values() {
-            supervisor.spawn(Arc::new(worker.clone()));
+            supervisor.spawn(Arc::new(worker.clone()), None);
         }
         if supervisor.workers.is_empty() {
             tracing::warn!("no workers configured (Application.workers is empty); nothing to relay");
         }
+        supervisor.apply_tickers(config);
         supervisor
     }
 
-    fn spawn(&mut self, config: Arc<WorkerConfig>) {
+    /// Starts a worker; when `after` is given, only once it fires (the previous worker of
+    /// the queue has stopped).
+    fn spawn(&mut self, config: Arc<WorkerConfig>, after: Option<oneshot::Receiver<()>>) {
         let stop = CancellationToken::new();
-        let stats = WorkerStats::new(&config.queue);
+        let stats = WorkerStats::new(&config.queue, config.wait_duration);
+        self.registry.insert(Arc::clone(&stats));
         let handle = tokio::spawn(keep_running(
             Arc::clone(&config),
             self.origin.clone(),
             self.poll_interval,
-            Arc::clone(&stats),
+            stats,
             stop.clone(),
+            after,
         ));
         tracing::info!(queue = %config.queue, "worker started");
-        self.workers.insert(
-            config.queue.clone(),
-            RunningWorker {
-                config,
-                stop,
-                handle,
-                stats,
-            },
-        );
+        self.workers
+            .insert(config.queue.clone(), RunningWorker { config, stop, handle });
     }
 
     /// The stats of every running worker, by queue.
     pub fn stats(&self) -> Vec<Arc<WorkerStats>> {
-        self.workers
-            .values()
-            .map(|worker| Arc::clone(&worker.stats))
-            .collect()
+        self.registry.workers()
     }
 
     /// Applies a reloaded configuration: new queues start, removed ones stop, changed
-    /// ones restart, the rest are untouched.
+    /// ones restart, the rest are untouched; tickers follow the databases.
     pub fn apply(&mut self, config: &Config) {
         self.poll_interval = config.application.poll_interval;
         let wanted = &config.application.workers;
@@ -105,38 +116,84 @@ impl Supervisor {
         for queue in removed {
             tracing::info!(queue = %queue, "queue removed from the configuration; stopping its worker");
             self.retire(&queue);
+            self.registry.remove(&queue);
         }
         for (queue, settings) in wanted {
             match self.workers.get(queue) {
                 Some(running) if *running.config == *settings => {}
                 Some(_) => {
                     tracing::info!(queue = %queue, "worker settings changed; restarting it");
-                    self.retire(queue);
-                    self.spawn(Arc::new(settings.clone()));
+                    let stopped = self.retire(queue);
+                    self.spawn(Arc::new(settings.clone()), stopped);
                 }
-                None => self.spawn(Arc::new(settings.clone())),
+                None => self.spawn(Arc::new(settings.clone()), None),
             }
         }
+        self.apply_tickers(config);
     }
 
-    /// Asks a worker to stop and lets it finish in the background.
-    fn retire(&mut self, queue: &str) {
-        if let Some(worker) = self.workers.remove(queue) {
-            worker.stop.cancel();
-            self.retiring.push(tokio::spawn(stop_within(
-                worker.config.queue.clone(),
+    /// Asks a worker to stop and lets it finish in the background; the receiver fires
+    /// once it has.
+    fn retire(&mut self, queue: &str) -> Option<oneshot::Receiver<()>> {
+        let worker = self.workers.remove(queue)?;
+        worker.stop.cancel();
+        let (stopped_tx, stopped_rx) = oneshot::channel();
+        self.retiring.push(tokio::spawn(async move {
+            stop_within(
+                &worker.config.queue,
                 worker.handle,
                 worker.config.shutdown_timeout,
-            )));
+            )
+            .await;
+            let _ = stopped_tx.send(());
+        }));
+        Some(stopped_rx)
+    }
+
+    /// Runs one ticker per database the workers use, when the ticker is enabled.
+    fn apply_tickers(&mut self, config: &Config) {
+        let ticker = &config.application.ticker;
+        let mut wanted: BTreeMap<String, PgTarget> = BTreeMap::new();
+        if ticker.enabled {
+            for worker in config.application.workers.values() {
+                let key = format!("{}/{}", worker.postgres.host_port(), worker.postgres.dbname());
+                wanted.entry(key).or_insert_with(|| worker.postgres.clone());
+            }
+        }
+        let period_changed = *ticker != self.ticker_config;
+        self.ticker_config = ticker.clone();
+        let stale: Vec<String> = self
+            .tickers
+            .keys()
+            .filter(|key| period_changed || !wanted.contains_key(*key))
+            .cloned()
+            .collect();
+        for key in stale {
+            if let Some(running) = self.tickers.remove(&key) {
+                running.stop.cancel();
+                self.retiring.push(running.handle);
+            }
+        }
+        for (key, target) in wanted {
+            if self.tickers.contains_key(&key) {
+                continue;
+            }
+            let stop = CancellationToken::new();
+            let handle = tokio::spawn(crate::ticker::run(target, ticker.period, stop.clone()));
+            self.tickers.insert(key, RunningTicker { stop, handle });
         }
     }
 
-    /// Stops every worker: each settles and finishes its open batch within its
-    /// `shutdown_timeout`, or is aborted with the batch left open for later.
+    /// Stops every worker and ticker: each worker settles and finishes its open batch
+    /// within its `shutdown_timeout`, or is aborted with the batch left open for later.
     pub async fn shutdown(mut self) {
         let queues: Vec<String> = self.workers.keys().cloned().collect();
         for queue in queues {
             self.retire(&queue);
+        }
+        for (_, ticker) in std::mem::take(&mut self.tickers) {
+            ticker.stop.cancel();
+            self.retiring.push(ticker.handle);
         }
         for retiring in self.retiring.drain(..) {
             let _ = retiring.await;
@@ -144,14 +201,18 @@ impl Supervisor {
     }
 }
 
-/// Runs a worker, starting it again if its task panics, until it is stopped.
+/// Runs a worker, starting it again if it panics, until it is stopped.
 async fn keep_running(
     config: Arc<WorkerConfig>,
     origin: String,
     poll_interval: Duration,
     stats: Arc<WorkerStats>,
     stop: CancellationToken,
+    after: Option<oneshot::Receiver<()>>,
 ) {
+    if let Some(previous_stopped) = after {
+        let _ = previous_stopped.await;
+    }
     loop {
         let worker = Worker::new(
             Arc::clone(&config),
@@ -174,7 +235,7 @@ async fn keep_running(
 }
 
 /// Waits for a stopping worker, aborting it after `timeout`.
-async fn stop_within(queue: String, mut handle: JoinHandle<()>, timeout: Duration) {
+async fn stop_within(queue: &str, mut handle: JoinHandle<()>, timeout: Duration) {
     if tokio::time::timeout(timeout, &mut handle).await.is_err() {
         tracing::warn!(
             queue = %queue,

@@ -59,20 +59,25 @@ async fn sent_in_order<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
 struct InFlight {
     event: Event,
     confirm: PublisherConfirm,
-    /// The broker's answer, once it was awaited (a confirm future cannot be polled
-    /// again after it completed).
-    outcome: Option<Outcome>,
+    /// When it was handed to lapin, for the confirm-latency histogram.
+    sent_at: Instant,
+    /// The broker's answer and how long it took, once seen (a confirm future cannot be
+    /// polled again after it completed).
+    outcome: Option<(Outcome, std::time::Duration)>,
 }
 
 impl InFlight {
     /// The broker's answer, waiting at most `deadline` for it.
-    async fn wait(&mut self, deadline: std::time::Duration) -> Outcome {
-        if let Some(outcome) = &self.outcome {
-            return outcome.clone();
+    async fn wait(&mut self, deadline: std::time::Duration) -> (Outcome, std::time::Duration) {
+        if let Some(answer) = &self.outcome {
+            return answer.clone();
         }
-        let outcome = Outcome::within(&mut self.confirm, deadline).await;
-        self.outcome = Some(outcome.clone());
-        outcome
+        let answer = (
+            Outcome::within(&mut self.confirm, deadline).await,
+            self.sent_at.elapsed(),
+        );
+        self.outcome = Some(answer.clone());
+        answer
     }
 
     /// True when the answer is in (without waiting).
@@ -80,7 +85,7 @@ impl InFlight {
         if self.outcome.is_none()
             && let Some(result) = (&mut self.confirm).now_or_never()
         {
-            self.outcome = Some(Outcome::from_result(result));
+            self.outcome = Some((Outcome::from_result(result), self.sent_at.elapsed()));
         }
         self.outcome.is_some()
     }
@@ -130,7 +135,8 @@ impl BatchRelay<'_> {
             return Err(error);
         }
         self.drain(&mut window, &mut settlement).await?;
-        self.finish(transaction, settlement, started).await?;
+        self.finish(transaction, settlement, started, summary.events)
+            .await?;
         Ok(summary)
     }
 
@@ -176,12 +182,15 @@ impl BatchRelay<'_> {
         transaction: BatchTransaction<'_>,
         mut settlement: Settlement,
         started: Instant,
+        events: u64,
     ) -> Result<(), WorkerError> {
+        self.stats.batch_size.observe(events as f64);
         settlement.flush(self.config, &transaction, self.broker).await?;
         transaction.finish().await?;
         self.progress.finished();
         settlement.totals.record(self.stats);
         self.stats.batches.add(1);
+        self.stats.batch_duration.observe_duration(started.elapsed());
         tracing::debug!(queue = %self.config.queue, elapsed = ?started.elapsed(), "batch finished");
         Ok(())
     }
@@ -216,6 +225,7 @@ impl BatchRelay<'_> {
                 .iter()
                 .zip(messages)
                 .map(|(event, message)| broker.publish(message, event.body(), mandatory));
+            let sent_at = Instant::now();
             let results = sent_in_order(sends.collect()).await;
             let mut group = events.into_iter();
             for result in results {
@@ -224,6 +234,7 @@ impl BatchRelay<'_> {
                     Ok(confirm) => window.push(InFlight {
                         event,
                         confirm,
+                        sent_at,
                         outcome: None,
                     }),
                     Err(error) => {
@@ -273,8 +284,11 @@ impl BatchRelay<'_> {
         let Some(mut flight) = window.pop() else {
             return Ok(());
         };
-        let outcome = flight.wait(self.config.confirm_timeout).await;
+        let (outcome, latency) = flight.wait(self.config.confirm_timeout).await;
         self.stats.set_in_flight(window.len());
+        if outcome == Outcome::Acked {
+            self.stats.confirm_latency.observe_duration(latency);
+        }
         match outcome {
             Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. } => {
                 let mut suspects = vec![flight.event];

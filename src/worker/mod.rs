@@ -110,10 +110,12 @@ impl Worker {
             let pause = match self.turn(&mut links).await {
                 Ok(Turn::Relayed) => {
                     backoff.reset();
+                    self.stats.set_last_error(None);
                     None
                 }
                 Ok(Turn::Idle) => {
                     backoff.reset();
+                    self.stats.set_last_error(None);
                     self.stats.set_state(WorkerState::Idle);
                     Some(self.config.wait_duration)
                 }
@@ -125,6 +127,7 @@ impl Worker {
                     let delay = backoff.next();
                     self.drop_broken_link(&mut links, error.broken_link()).await;
                     tracing::error!(queue = %self.config.queue, error = %error, retry_in = ?delay, "worker failed; reconnecting");
+                    self.stats.set_last_error(Some(error.to_string()));
                     self.stats.set_state(WorkerState::Backoff);
                     Some(delay)
                 }
@@ -145,8 +148,13 @@ impl Worker {
 
     async fn drop_broken_link(&self, links: &mut Links, link: Link) {
         match link {
-            Link::Postgres => links.pg = None,
+            Link::Postgres => {
+                links.pg = None;
+                self.stats.set_postgres_connected(false);
+            }
             Link::Broker => {
+                self.stats.set_broker_connected(false);
+                self.stats.set_blocked(None);
                 if let Some(lost) = links.broker.take() {
                     lost.close().await;
                     self.stats.connections_closed.add(1);
@@ -200,6 +208,7 @@ impl Worker {
     ) -> Result<Option<&'l mut PgLink>, WorkerError> {
         if pg.as_ref().is_some_and(|link| link.session.is_closed()) {
             *pg = None;
+            self.stats.set_postgres_connected(false);
         }
         let link = match pg {
             Some(link) => link,
@@ -207,6 +216,7 @@ impl Worker {
                 self.stats.set_state(WorkerState::Connecting);
                 let link = self.open_postgres(*subscribed).await?;
                 *subscribed = true;
+                self.stats.set_postgres_connected(true);
                 pg.insert(link)
             }
         };
@@ -234,10 +244,16 @@ impl Worker {
             Some(connected) => Ok(connected),
             None => {
                 self.stats.set_state(WorkerState::Connecting);
-                let connected =
-                    Broker::connect(&self.config.rabbitmq, &self.config.queue, self.config.confirm).await?;
+                let connected = Broker::connect(
+                    &self.config.rabbitmq,
+                    &self.config.queue,
+                    self.config.confirm,
+                    Some(Arc::clone(&self.stats)),
+                )
+                .await?;
                 tracing::info!(queue = %self.config.queue, broker = %connected.address(), "connected to rabbitmq");
                 self.stats.connections_opened.add(1);
+                self.stats.set_broker_connected(true);
                 Ok(broker.insert(connected))
             }
         }
@@ -305,6 +321,9 @@ impl Worker {
             Some(link) => link.session.consumer_info().await.ok().flatten(),
             None => None,
         };
+        if let Some(info) = &info {
+            self.stats.set_backlog(info.pending_events, info.lag);
+        }
         let stats = &self.stats;
         tracing::info!(
             queue = %self.config.queue,
@@ -322,6 +341,8 @@ impl Worker {
 
     async fn shut_down(&self, links: Links) {
         self.stats.set_state(WorkerState::Stopped);
+        self.stats.set_postgres_connected(false);
+        self.stats.set_broker_connected(false);
         if self.config.unregister
             && let Some(link) = &links.pg
             && link.active

@@ -1,0 +1,165 @@
+//! The built-in PgQ ticker (`Application.ticker`), so a deployment needs no pgqd.
+//!
+//! One task per database the workers consume from does what pgqd does there: every
+//! `period` it calls `pgq.ticker()` and moves due retry events back into their queues
+//! (`pgq.maint_retry_events()` until it has none); every two minutes it runs the
+//! operations `pgq.maint_operations()` lists (table rotation, vacuum of PgQ's tables),
+//! each in its own transaction as pgqd does. With several relays on one database only
+//! the one holding the ticker's advisory lock ticks; the others retry the lock every
+//! `period`.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::pgconn::PgTarget;
+
+/// Advisory lock key of the ticker (advisory locks are per database).
+const TICKER_LOCK_KEY: i64 = 0x6d69_6b6b_6f6f_7469;
+
+/// How often the maintenance operations run (pgqd's default `maint_period`).
+const MAINTENANCE_PERIOD: Duration = Duration::from_secs(120);
+
+/// Upper bound on the wait before reconnecting after a failure.
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Runs the ticker for the database of `target` until `stop`.
+pub async fn run(target: PgTarget, period: Duration, stop: CancellationToken) {
+    let database = format!("{}/{}", target.host_port(), target.dbname());
+    let mut retry = period;
+    while !stop.is_cancelled() {
+        let result = tick_while_connected(&target, period, &stop).await;
+        if let Err(error) = result {
+            tracing::error!(%database, %error, retry_in = ?retry, "pgq ticker failed; reconnecting");
+            retry = (retry * 2).min(MAX_RETRY);
+        } else {
+            retry = period;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = stop.cancelled() => {}
+        }
+    }
+}
+
+/// One session: take the lock (or wait for it), then tick until the session fails or
+/// `stop`.
+async fn tick_while_connected(
+    target: &PgTarget,
+    period: Duration,
+    stop: &CancellationToken,
+) -> Result<(), tokio_postgres::Error> {
+    let database = format!("{}/{}", target.host_port(), target.dbname());
+    let (client, _connection) = match target.connect("mikkoo ticker").await {
+        Ok(connected) => connected,
+        Err(error) => {
+            tracing::error!(%database, %error, "pgq ticker cannot connect");
+            return Ok(());
+        }
+    };
+    let mut announced_standby = false;
+    loop {
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&TICKER_LOCK_KEY])
+            .await?
+            .get(0);
+        if locked {
+            break;
+        }
+        if !announced_standby {
+            tracing::info!(%database, "another relay ticks this database; standing by");
+            announced_standby = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+    }
+    tracing::info!(%database, ?period, "ticking pgq (the built-in ticker holds this database's lock)");
+    let mut last_maintenance: Option<Instant> = None;
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+        client.query_one("SELECT pgq.ticker()", &[]).await?;
+        retry_events(&client).await?;
+        if last_maintenance.is_none_or(|at| at.elapsed() >= MAINTENANCE_PERIOD) {
+            maintain(&client, &database).await?;
+            last_maintenance = Some(Instant::now());
+        }
+    }
+}
+
+/// Moves every due retry event back into its queue.
+async fn retry_events(client: &Client) -> Result<(), tokio_postgres::Error> {
+    loop {
+        let moved: i32 = client
+            .query_one("SELECT pgq.maint_retry_events()", &[])
+            .await?
+            .get(0);
+        if moved == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs what `pgq.maint_operations()` asks for, each in its own transaction.
+async fn maintain(client: &Client, database: &str) -> Result<(), tokio_postgres::Error> {
+    let operations = client
+        .query("SELECT func_name, func_arg FROM pgq.maint_operations()", &[])
+        .await?;
+    for operation in operations {
+        let function: String = operation.get(0);
+        let argument: Option<String> = operation.get(1);
+        let result = match (function.as_str(), argument) {
+            ("vacuum", Some(table)) => {
+                let quoted = client
+                    .query_one("SELECT pgq.quote_fqname($1)", &[&table])
+                    .await?
+                    .get::<_, String>(0);
+                client.batch_execute(&format!("VACUUM {quoted}")).await
+            }
+            (name, argument) if is_pgq_function(name) => {
+                let statement = format!("SELECT {name}($1)");
+                match argument {
+                    Some(argument) => client.query(&statement, &[&argument]).await.map(drop),
+                    None => client.query(&format!("SELECT {name}()"), &[]).await.map(drop),
+                }
+            }
+            (name, _) => {
+                tracing::warn!(%database, function = name, "skipping a pgq maintenance operation that is not a pgq function");
+                Ok(())
+            }
+        };
+        if let Err(error) = result {
+            tracing::warn!(%database, %function, %error, "pgq maintenance operation failed");
+        }
+    }
+    Ok(())
+}
+
+/// Maintenance operations name functions; only schema-qualified identifiers are run.
+fn is_pgq_function(name: &str) -> bool {
+    let mut parts = name.split('.');
+    let (Some(schema), Some(function), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let identifier =
+        |part: &str| !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    identifier(schema) && identifier(function)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_qualified_identifiers_are_run() {
+        assert!(super::is_pgq_function("pgq.maint_rotate_tables_step1"));
+        assert!(super::is_pgq_function("londiste.periodic_maintenance"));
+        assert!(!super::is_pgq_function("pgq.f(); DROP TABLE x; --"));
+        assert!(!super::is_pgq_function("vacuum"));
+    }
+}
