@@ -30,6 +30,7 @@
 //! - [`daemon`]: detaching, pidfile, dropping privileges.
 //! - [`check`]: `mikkoo check`.
 //! - [`host`]: the host's FQDN.
+//! - [`reporting`]: error reports to Sentry.
 //! - [`schema`]: the helper SQL schema printed by `mikkoo sql`.
 
 pub mod amqp;
@@ -48,6 +49,7 @@ pub mod mapping;
 pub mod metrics;
 pub mod pgconn;
 pub mod pgq;
+pub mod reporting;
 pub mod schema;
 pub mod stats;
 pub mod statsd;

@@ -146,11 +146,14 @@ pub fn init(logging: &LoggingConfig, overrides: LogOverrides, foreground: bool) 
             LevelFilter::TRACE,
         ));
     }
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(layers)
-        .try_init()
-        .map_err(|error| error.to_string())?;
+    let registry = tracing_subscriber::registry().with(filter).with(layers);
+    // Turns ERROR lines into Sentry events once a client is initialised (a no-op
+    // before, and without a DSN).
+    #[cfg(feature = "sentry")]
+    let registry = registry
+        .with(sentry::integrations::tracing::ErrorLayer::new().with_filter(LevelFilter::ERROR))
+        .with(sentry::integrations::tracing::BreadcrumbLayer::new().with_filter(LevelFilter::INFO));
+    registry.try_init().map_err(|error| error.to_string())?;
     Ok(LogHandle {
         filter: handle,
         overrides,

@@ -8,7 +8,7 @@ use clap::Parser;
 use mikkoo::cli::{Cli, Command};
 use mikkoo::config::Config;
 use mikkoo::logging::{self, LogOverrides};
-use mikkoo::{app, check, daemon, host, schema, status};
+use mikkoo::{app, check, daemon, host, reporting, schema, status};
 
 /// Exit status for usage and configuration errors.
 const EXIT_CONFIG: u8 = 2;
@@ -133,6 +133,11 @@ fn run(cli: &Cli) -> ExitCode {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    // After detaching: the Sentry client runs a thread of its own.
+    let _reporting = match reporting::init(config.application.sentry_dsn.as_ref()) {
+        Ok(guard) => guard,
+        Err(error) => return fatal(&error),
+    };
     let origin = config.application.origin.clone().unwrap_or_else(host::fqdn);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %config.file.display(), origin = %origin, "mikkoo starting");
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -6,6 +6,7 @@
 
 mod cli;
 mod delivery;
+mod operations;
 #[path = "../support/mod.rs"]
 mod support;
 mod wire;

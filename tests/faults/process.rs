@@ -118,7 +118,7 @@ async fn a_stop_that_cannot_finish_leaves_the_batch_open_after_shutdown_timeout(
     let lock = blocker.transaction().await.unwrap();
     lock.execute(
         "SELECT 1 FROM pgq.subscription s JOIN pgq.queue q ON q.queue_id = s.sub_queue \
-         WHERE q.queue_name = $1 FOR UPDATE",
+         WHERE q.queue_name = $1 FOR UPDATE OF s",
         &[&queue.name],
     )
     .await
