@@ -13,7 +13,7 @@
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::AMQPErrorKind;
 use lapin::tcp::AsyncTcpStream;
-use lapin::types::LongString;
+use lapin::types::{LongString, ShortString};
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ErrorKind, PublisherConfirm};
 use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
@@ -325,6 +325,34 @@ impl Broker {
         }
         self.channel = channel;
         Ok(())
+    }
+
+    /// Consumes `queue` on a channel of its own, at most `prefetch` unacknowledged
+    /// messages at a time (for `mikkoo audit consume`).
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<lapin::Consumer, AmqpError> {
+        let protocol = |what| move |source| AmqpError::Protocol { what, source };
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .map_err(protocol("channel.open"))?;
+        channel
+            .basic_qos(prefetch, lapin::options::BasicQosOptions::default())
+            .await
+            .map_err(protocol("basic.qos"))?;
+        let queue_name = ShortString::try_new(queue).map_err(|_| AmqpError::Connect {
+            target: self.address.clone(),
+            reason: format!("queue name {queue:?} is longer than 255 bytes"),
+        })?;
+        channel
+            .basic_consume(
+                queue_name,
+                ShortString::from("mikkoo-audit"),
+                lapin::options::BasicConsumeOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .map_err(protocol("basic.consume"))
     }
 
     /// Why the broker blocked the connection, while it does.

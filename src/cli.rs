@@ -1,6 +1,7 @@
 //! The command line (SPEC §1).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -50,8 +51,79 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List or replay dead letters (mikkoo.dead_letter)
+    DeadLetter {
+        /// What to do
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+    /// Follow audited events: report stragglers, or mark them received from a queue
+    Audit {
+        /// What to do
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Print the helper SQL schema (install it with `mikkoo sql | psql`)
     Sql,
+}
+
+/// `mikkoo dead-letter ...`.
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// Show dead letters: reason, times, exchange, routing key, a body preview
+    List {
+        /// Only this queue
+        #[arg(long)]
+        queue: Option<String>,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back into their PgQ queue (keeping their message ids) and
+    /// delete them, in one transaction
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["ids", "all"])))]
+    Replay {
+        /// The queue whose dead letters to replay
+        #[arg(long)]
+        queue: String,
+        /// Row ids (as `list` shows them); repeatable
+        #[arg(long = "id", value_name = "N", num_args = 1..)]
+        ids: Vec<i64>,
+        /// Every dead letter of the queue
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// `mikkoo audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// List audit rows not confirmed, or confirmed but not received, after an age;
+    /// exits 1 when there are any
+    Report {
+        /// Only rows queued longer ago than this
+        #[arg(long, default_value = "5m", value_parser = crate::config::parse_duration_arg)]
+        older_than: Duration,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Consume a RabbitMQ queue and mark each message's audit row received (acking it
+    /// only after the row is updated)
+    Consume {
+        /// The RabbitMQ queue to consume
+        #[arg(long, value_name = "NAME")]
+        amqp_queue: String,
+        /// Whose RabbitMQ and PostgreSQL to use (needed with several workers)
+        #[arg(long, value_name = "QUEUE")]
+        worker: Option<String>,
+        /// Stop after this many messages
+        #[arg(long, value_name = "N")]
+        max_messages: Option<u64>,
+        /// Stop when no message arrives for this long
+        #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_duration_arg)]
+        idle_exit: Option<Duration>,
+    },
 }
 
 /// `--log-level` values.

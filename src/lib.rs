@@ -18,7 +18,8 @@
 //! - [`pgq`]: the PgQ client over tokio-postgres, one method per PgQ function.
 //! - [`pgconn`]: PostgreSQL URLs, libpq TLS modes, connecting.
 //! - [`amqp`]: the RabbitMQ connection, publishing and naming the broker's answers.
-//! - [`deadletter`]: the `mikkoo.dead_letter` table.
+//! - [`deadletter`]: the `mikkoo.dead_letter` table; listing and replaying it.
+//! - [`audit`]: `mikkoo.audit`: confirmed by the relay, received by `audit consume`, reported.
 //! - [`error`]: connection-ending failures and which link to reopen.
 //! - [`stats`]: per-worker counters, gauges, histograms, readiness; the registry.
 //! - [`metrics`]: metric names; Prometheus text and statsd lines.
@@ -29,14 +30,17 @@
 //! - [`logging`]: log levels and outputs from the `Logging` section.
 //! - [`daemon`]: detaching, pidfile, dropping privileges.
 //! - [`check`]: `mikkoo check`.
+//! - [`commands`]: `mikkoo dead-letter` and `mikkoo audit`.
 //! - [`host`]: the host's FQDN.
 //! - [`reporting`]: error reports to Sentry.
 //! - [`schema`]: the helper SQL schema printed by `mikkoo sql`.
 
 pub mod amqp;
 pub mod app;
+pub mod audit;
 pub mod check;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod deadletter;

@@ -3,10 +3,15 @@
 
 use std::process::ExitCode;
 
+use tokio_util::sync::CancellationToken;
+
 use clap::Parser;
 
-use mikkoo::cli::{Cli, Command};
+use mikkoo::audit::ConsumeLimits;
+use mikkoo::cli::{AuditAction, Cli, Command, DeadLetterAction};
+use mikkoo::commands::{self, CommandError, Finished};
 use mikkoo::config::Config;
+use mikkoo::deadletter::Selection;
 use mikkoo::logging::{self, LogOverrides};
 use mikkoo::{app, check, daemon, host, reporting, schema, status};
 
@@ -24,6 +29,40 @@ fn main() -> ExitCode {
         }
         Some(Command::Check { connect }) => check_config(&cli, connect),
         Some(Command::Status { json }) => show_status(&cli, json),
+        Some(Command::DeadLetter { ref action }) => operate(&cli, |config, _stop| async move {
+            match action {
+                DeadLetterAction::List { queue, json } => {
+                    commands::dead_letter_list(&config, queue.as_deref(), *json).await
+                }
+                DeadLetterAction::Replay { queue, ids, all } => {
+                    let selection = if *all {
+                        Selection::All
+                    } else {
+                        Selection::Ids(ids.clone())
+                    };
+                    commands::dead_letter_replay(&config, queue, &selection).await
+                }
+            }
+        }),
+        Some(Command::Audit { ref action }) => operate(&cli, |config, stop| async move {
+            match action {
+                AuditAction::Report { older_than, json } => {
+                    commands::audit_report(&config, *older_than, *json).await
+                }
+                AuditAction::Consume {
+                    amqp_queue,
+                    worker,
+                    max_messages,
+                    idle_exit,
+                } => {
+                    let limits = ConsumeLimits {
+                        max_messages: *max_messages,
+                        idle_exit: *idle_exit,
+                    };
+                    commands::audit_consume(&config, amqp_queue, worker.as_deref(), limits, &stop).await
+                }
+            }
+        }),
         None => run(&cli),
     }
 }
@@ -61,6 +100,48 @@ fn check_config(cli: &Cli, connect: bool) -> ExitCode {
     } else {
         eprintln!("mikkoo: some servers could not be reached (see above)");
         ExitCode::from(EXIT_FATAL)
+    }
+}
+
+/// Runs an operator command: loads the configuration, runs `command` until it is done
+/// or SIGINT/SIGTERM, and maps its result to an exit status.
+fn operate<F, Fut>(cli: &Cli, command: F) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<Finished, CommandError>>,
+{
+    let config = match load(cli) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match current_thread_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let stop = CancellationToken::new();
+    let result = runtime.block_on(async {
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            on_signal.cancel();
+        });
+        if let Ok(mut terminate) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            let on_terminate = stop.clone();
+            tokio::spawn(async move {
+                terminate.recv().await;
+                on_terminate.cancel();
+            });
+        }
+        command(config, stop.clone()).await
+    });
+    match result {
+        Ok(Finished::Clean) => ExitCode::SUCCESS,
+        Ok(Finished::Findings) => ExitCode::from(EXIT_FATAL),
+        Err(CommandError::Usage(message)) => {
+            eprintln!("mikkoo: {message}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(CommandError::Failed(message)) => fatal(&message),
     }
 }
 

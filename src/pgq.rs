@@ -32,6 +32,12 @@ pub enum PgqError {
         /// Database name.
         database: String,
     },
+    /// A part of the helper schema the configuration needs is not installed.
+    #[error("{what}; install the helper schema: mikkoo sql | psql")]
+    SchemaMissing {
+        /// What is missing, and for whom.
+        what: String,
+    },
     /// A statement failed.
     #[error("{what} failed: {source}")]
     Query {
@@ -49,7 +55,7 @@ impl PgqError {
     pub fn is_connection_lost(&self) -> bool {
         match self {
             PgqError::Connect(_) => true,
-            PgqError::ExtensionMissing { .. } => false,
+            PgqError::ExtensionMissing { .. } | PgqError::SchemaMissing { .. } => false,
             PgqError::Query { source, .. } => {
                 source.is_closed()
                     || source.code().is_some_and(|code| {
@@ -157,6 +163,11 @@ impl PgqSession {
     /// The underlying client, for helpers that run their own statements.
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The underlying client, for helpers that open their own transactions.
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
     }
 
     /// True once the connection has ended.

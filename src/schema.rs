@@ -15,4 +15,10 @@ mod tests {
             "sql/mikkoo.sql must contain sql/dead_letter.sql verbatim"
         );
     }
+
+    #[test]
+    fn the_schema_takes_the_relays_ddl_lock() {
+        let lock = format!("pg_advisory_xact_lock({})", crate::deadletter::DDL_LOCK_KEY);
+        assert!(MIKKOO_SQL.contains(&lock), "sql/mikkoo.sql must take {lock}");
+    }
 }

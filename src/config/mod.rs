@@ -27,6 +27,13 @@ pub use self::logging::{LogHandler, LogTarget, LoggingConfig};
 pub use self::rabbitmq::{RabbitmqConfig, TlsOptions};
 pub use self::worker::{BatchWindow, DeadLetterTarget, MessageIdMode, WorkerConfig};
 pub(crate) use duration::format_duration;
+
+/// Parses a duration as the configuration writes them (`10`, `500ms`, `5m`), for
+/// command-line options.
+pub fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    duration::parse_duration(text)
+        .ok_or_else(|| format!("expected a duration such as 30s, 5m or 1h, found {text:?}"))
+}
 use reader::{Diagnostics, Node, Table};
 
 /// A value that must never be shown: `Debug` and `Display` print `***`.

@@ -20,6 +20,7 @@ use lapin::PublisherConfirm;
 use super::progress::BatchProgress;
 use super::settle::Settlement;
 use crate::amqp::{Broker, Outcome};
+use crate::audit;
 use crate::config::WorkerConfig;
 use crate::error::{Link, WorkerError};
 use crate::event::Event;
@@ -186,6 +187,14 @@ impl BatchRelay<'_> {
     ) -> Result<(), WorkerError> {
         self.stats.batch_size.observe(events as f64);
         settlement.flush(self.config, &transaction, self.broker).await?;
+        if self.config.audit {
+            audit::mark_confirmed(
+                transaction.transaction(),
+                &self.config.queue,
+                self.progress.confirmed_ids(),
+            )
+            .await?;
+        }
         transaction.finish().await?;
         self.progress.finished();
         settlement.totals.record(self.stats);

@@ -295,6 +295,9 @@ impl Worker {
         if config.dead_letter == DeadLetterTarget::Table {
             deadletter::ensure_table(session.client()).await?;
         }
+        if config.audit {
+            crate::audit::check_installed(session.client(), &config.queue).await?;
+        }
         let message_ids = match config.message_id {
             MessageIdMode::Deterministic => Some(MessageIdNamespace::new(
                 &session.system_identifier().await?,

@@ -78,6 +78,11 @@ impl EvIdSet {
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
+
+    /// The ids as sorted, disjoint, inclusive ranges.
+    pub fn ranges(&self) -> &[(i64, i64)] {
+        &self.ranges
+    }
 }
 
 /// Progress on one batch, kept across reconnects within the process.
@@ -105,6 +110,11 @@ impl BatchProgress {
     /// True when `ev_id` was confirmed earlier in this batch.
     pub fn is_confirmed(&self, ev_id: i64) -> bool {
         self.confirmed.contains(ev_id)
+    }
+
+    /// Every event of the batch confirmed so far.
+    pub fn confirmed_ids(&self) -> &EvIdSet {
+        &self.confirmed
     }
 
     /// The batch was finished: nothing to remember.

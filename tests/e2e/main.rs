@@ -7,6 +7,7 @@
 mod cli;
 mod delivery;
 mod operations;
+mod schema;
 #[path = "../support/mod.rs"]
 mod support;
 mod wire;

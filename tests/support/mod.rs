@@ -450,6 +450,22 @@ impl Sink {
         out
     }
 
+    /// Binds the queue to one more routing key (on the sink's own connection, since the
+    /// queue is exclusive to it).
+    pub async fn bind(&self, routing_key: &str) {
+        let channel = self.connection.create_channel().await.unwrap();
+        channel
+            .queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// Deletes the exchange (to make publishes to it fail).
     pub async fn delete_exchange(&self) {
         let channel = self.connection.create_channel().await.unwrap();
