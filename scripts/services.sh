@@ -12,6 +12,15 @@ PGQD_CONF=/etc/pgqd-mikkoo.ini
 PGQD_LOG=/var/log/postgresql/pgqd-mikkoo.log
 PGQD_PID=/run/postgresql/pgqd-mikkoo.pid
 
+# Throw-away certificates for the TLS tests (a CA, a second "wrong" CA, server and
+# client certificates, an encrypted client key). Test material only: never use it for
+# anything real.
+TLS_DIR=/var/lib/mikkoo-test-tls
+TLS_KEY_PASSWORD=k3y-pass-9f2c
+# Bumped when the material changes, so an older set is made again.
+TLS_VERSION=3
+CERTIFICATES_CHANGED=0
+
 log() { printf 'services: %s\n' "$*" >&2; }
 
 need_root() {
@@ -115,6 +124,7 @@ INI
 }
 
 rabbit_up() { rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1; }
+tcp_open() { bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
 start_rabbitmq() {
   apt_install rabbitmq-server
@@ -130,6 +140,11 @@ ENV
   if ! grep -q '^listeners.tcp' "$conf_file" 2>/dev/null; then
     echo 'listeners.tcp.local = 127.0.0.1:5672' >>"$conf_file"
   fi
+  if configure_rabbitmq_tls && rabbitmqctl -q status >/dev/null 2>&1; then
+    log "restarting RabbitMQ to open the TLS listener"
+    rabbitmqctl -q stop >/dev/null 2>&1 || true
+    wait_for 60 "RabbitMQ to stop" sh -c '! rabbitmqctl -q status'
+  fi
   if ! rabbitmqctl -q status >/dev/null 2>&1; then
     log "starting RabbitMQ"
     rabbitmq-server -detached
@@ -140,6 +155,11 @@ ENV
     rabbitmqctl -q start_app >/dev/null 2>&1 || true
   fi
   wait_for 120 "RabbitMQ on 127.0.0.1:5672" rabbit_up
+  wait_for 60 "RabbitMQ's TLS listener on 127.0.0.1:5671" tcp_open 5671
+  if [ "$CERTIFICATES_CHANGED" = 1 ]; then
+    # RabbitMQ caches certificate files; new ones must be read again.
+    rabbitmqctl -q eval 'ssl:clear_pem_cache().' >/dev/null
+  fi
 }
 
 install_build_dependencies() {
@@ -148,8 +168,79 @@ install_build_dependencies() {
   apt_install pkg-config libssl-dev gcc postgresql-client-$PG_VERSION
 }
 
+make_test_certificates() {
+  [ "$(cat "$TLS_DIR/.complete" 2>/dev/null)" = "$TLS_VERSION" ] && return 0
+  log "creating throw-away TLS certificates in $TLS_DIR"
+  rm -rf "$TLS_DIR" && mkdir -p "$TLS_DIR/ca-dir" && chmod 755 "$TLS_DIR"
+  (
+    cd "$TLS_DIR"
+    quiet() { "$@" >/dev/null 2>&1; }
+    quiet openssl req -x509 -new -nodes -newkey rsa:2048 -days 3650 -subj "/CN=mikkoo test CA" \
+      -keyout ca.key -out ca.pem
+    quiet openssl req -x509 -new -nodes -newkey rsa:2048 -days 3650 -subj "/CN=some other CA" \
+      -keyout other-ca.key -out other-ca.pem
+    # The server certificate names only "localhost": reaching a server as 127.0.0.1 is a
+    # host-name mismatch, which the tests use.
+    printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' >server.ext
+    quiet openssl req -new -nodes -newkey rsa:2048 -subj "/CN=localhost" -keyout server.key -out server.csr
+    quiet openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.pem
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    quiet openssl req -new -nodes -newkey rsa:2048 -subj "/CN=mikkoo test client" -keyout client.key -out client.csr
+    quiet openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile client.ext -out client.pem
+    quiet openssl pkey -in client.key -aes256 -passout "pass:$TLS_KEY_PASSWORD" -out client-encrypted.key
+    cp ca.pem ca-dir/ && quiet openssl rehash ca-dir
+    install -o rabbitmq -g rabbitmq -m 0600 server.key rabbitmq-server.key
+    install -o postgres -g postgres -m 0600 server.key postgres-server.key
+    chmod 0644 ./*.pem client.key client-encrypted.key
+  )
+  echo "$TLS_VERSION" >"$TLS_DIR/.complete"
+  CERTIFICATES_CHANGED=1
+}
+
+# Writes RabbitMQ's TLS listener (127.0.0.1:5671; client certificates verified when
+# presented). Returns 0 when the configuration changed.
+configure_rabbitmq_tls() {
+  local conf_file=/etc/rabbitmq/rabbitmq.conf
+  grep -q '^listeners.ssl.default' "$conf_file" 2>/dev/null && return 1
+  log "adding RabbitMQ's TLS listener on 127.0.0.1:5671"
+  cat >>"$conf_file" <<CONF
+listeners.ssl.default = 127.0.0.1:5671
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/rabbitmq-server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+CONF
+  return 0
+}
+
+configure_postgres_tls() {
+  local conf=/etc/postgresql/$PG_VERSION/main/conf.d/mikkoo-ssl.conf
+  if [ -f "$conf" ]; then
+    # New certificates under an unchanged configuration: have the server read them.
+    if [ "$CERTIFICATES_CHANGED" = 1 ] && postgres_up; then
+      pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main reload
+    fi
+    return 0
+  fi
+  log "giving PostgreSQL the test CA's server certificate"
+  cat >"$conf" <<CONF
+# written by mikkoo's scripts/services.sh: TLS with the test CA's certificate
+ssl = on
+ssl_cert_file = '$TLS_DIR/server.pem'
+ssl_key_file = '$TLS_DIR/postgres-server.key'
+CONF
+  if postgres_up; then
+    pg_ctlcluster --skip-systemctl-redirect "$PG_VERSION" main reload
+  fi
+}
+
 need_root
 install_build_dependencies
+make_test_certificates
+configure_postgres_tls
 start_postgres
 start_pgqd
 start_rabbitmq

@@ -456,15 +456,19 @@ fn amqp_uri(config: &RabbitmqConfig, host: &str) -> AMQPUri {
 
 /// Turns lapin's connect errors into words an operator can act on.
 fn describe_connect_error(error: &lapin::Error) -> String {
+    let text = error.to_string();
     match error.kind() {
-        ErrorKind::ProtocolError(amqp) => {
-            format!(
-                "{} (reply code {}); check the user name, password and vhost",
-                amqp.get_message(),
-                amqp.get_id()
-            )
-        }
-        _ => error.to_string(),
+        ErrorKind::ProtocolError(amqp) => format!(
+            "{} (reply code {}); check the user name, password and vhost",
+            amqp.get_message(),
+            amqp.get_id()
+        ),
+        _ if text.contains("certificate verify failed") => format!(
+            "{text} (TLS: the broker's certificate is not trusted or does not name this host; check \
+             ssl_options.ca_certs / ca_path / ca_data and server_name, or set verify: false)"
+        ),
+        _ if text.contains("SSL routines") => format!("{text} (TLS handshake failed; check ssl_options)"),
+        _ => text,
     }
 }
 

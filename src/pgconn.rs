@@ -259,7 +259,7 @@ pub enum ConnectError {
     #[error("{0}")]
     Tls(String),
     /// The server could not be reached or refused the connection.
-    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    #[error("cannot connect to PostgreSQL at {target}: {}", with_causes(source))]
     Postgres {
         /// `host:port` tried.
         target: String,
@@ -267,6 +267,22 @@ pub enum ConnectError {
         #[source]
         source: tokio_postgres::Error,
     },
+}
+
+/// An error with the errors that caused it (`error: cause: cause`): tokio-postgres says
+/// "error performing TLS handshake" and keeps OpenSSL's reason in its source.
+pub fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 /// Replaces the password of a URL (in the authority or as `password=`) with `***`.

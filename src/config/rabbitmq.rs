@@ -56,7 +56,8 @@ impl RabbitmqConfig {
             .map(|host| format!("{host}:{}", self.port))
             .collect::<Vec<_>>()
             .join(",");
-        format!("{scheme}://{}:***@{hosts}/{}", self.username, self.vhost)
+        let vhost = percent_encoding::utf8_percent_encode(&self.vhost, percent_encoding::NON_ALPHANUMERIC);
+        format!("{scheme}://{}:***@{hosts}/{vhost}", self.username)
     }
 }
 
@@ -307,6 +308,13 @@ fn read_tls(node: Node<'_>, diag: &mut Diagnostics) -> Option<TlsOptions> {
     // `protocol` picked a Python ssl.PROTOCOL_* constant; OpenSSL negotiates the best
     // version the two sides share, which is what PROTOCOL_TLS (the usual value) meant.
     table.ignore("protocol");
+    if !verify {
+        diag.warn(format!(
+            "{}.verify is false: the broker's certificate and host name are not checked, so anyone \
+             between the relay and RabbitMQ can read and change messages",
+            table.path()
+        ));
+    }
     if keyfile.is_some() && certfile.is_none() {
         diag.error(&join(table.path(), "keyfile"), "a keyfile needs a certfile");
     }
@@ -374,6 +382,10 @@ mod tests {
         let config = parse_amqp_url("amqp://u:topsecret@h:1/v").unwrap().0;
         let shown = config.redacted();
         assert_eq!(shown, "amqp://u:***@h:1/v");
+        assert_eq!(
+            RabbitmqConfig::default().redacted(),
+            "amqp://guest:***@localhost:5672/%2F"
+        );
         assert!(!format!("{config:?}").contains("topsecret"));
     }
 }

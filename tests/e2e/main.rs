@@ -10,4 +10,5 @@ mod operations;
 mod schema;
 #[path = "../support/mod.rs"]
 mod support;
+mod tls;
 mod wire;
