@@ -31,6 +31,8 @@ need_root() {
 }
 
 apt_updated=0
+# Installs packages without letting their maintainer scripts start services (there may
+# be no init system, as in containers): this script starts what it needs itself.
 apt_install() {
   local missing=()
   for pkg in "$@"; do
@@ -43,7 +45,14 @@ apt_install() {
     apt_updated=1
   fi
   log "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  local policy=/usr/sbin/policy-rc.d added_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && added_policy=1
+  fi
+  local status=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || status=$?
+  [ $added_policy -eq 1 ] && rm -f "$policy"
+  return $status
 }
 
 wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...

@@ -6,7 +6,7 @@
 //! own auto-recovery stays off: the worker decides what to publish again after a
 //! failure, so reconnecting is its business too.
 //!
-//! Publishing returns lapin's confirm future; [`Outcome::of`] names what the broker
+//! Publishing returns lapin's confirm future; [`Broker::answer`] names what the broker
 //! answered (acked, nacked, returned, channel closed, connection lost) and leaves the
 //! decision to the worker.
 
@@ -79,25 +79,6 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Waits for a published message's confirm and names the answer.
-    pub async fn of(confirm: impl Future<Output = lapin::Result<Confirmation>>) -> Outcome {
-        Self::from_result(confirm.await)
-    }
-
-    /// Waits at most `deadline` for a confirm: a broker that stays silent that long is
-    /// treated as a lost connection (TCP may not have noticed yet).
-    pub async fn within(
-        confirm: impl Future<Output = lapin::Result<Confirmation>>,
-        deadline: Duration,
-    ) -> Outcome {
-        match tokio::time::timeout(deadline, Self::of(confirm)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Outcome::ConnectionLost {
-                reason: format!("no publisher confirm within {deadline:?}"),
-            },
-        }
-    }
-
     /// Names a confirm result.
     pub fn from_result(result: lapin::Result<Confirmation>) -> Outcome {
         match result {
@@ -227,22 +208,7 @@ impl Broker {
         .await
         .map_err(|error| connect_error(describe_connect_error(&error)))?;
 
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|source| AmqpError::Protocol {
-                what: "channel.open",
-                source,
-            })?;
-        if confirm {
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|source| AmqpError::Protocol {
-                    what: "confirm.select",
-                    source,
-                })?;
-        }
+        let channel = publishing_channel(&connection, confirm).await?;
         let (blocked_tx, blocked) = watch::channel(None);
         let (failed_tx, failed) = watch::channel(None);
         let events = tokio::spawn(forward_events(
@@ -290,7 +256,8 @@ impl Broker {
             .await
     }
 
-    /// Publishes one message and waits (at most `deadline`) for the broker's answer.
+    /// Publishes one message, once the broker does not block the connection, and waits
+    /// for its answer (see [`Broker::answer`]).
     pub async fn publish_and_wait(
         &self,
         message: Message,
@@ -298,32 +265,44 @@ impl Broker {
         mandatory: bool,
         deadline: Duration,
     ) -> Outcome {
+        self.wait_unblocked().await;
         match self.publish(message, body, mandatory).await {
-            Ok(confirm) => Outcome::within(confirm, deadline).await,
+            Ok(confirm) => self.answer(confirm, deadline).await,
             Err(error) => Outcome::from_error(&error),
+        }
+    }
+
+    /// The broker's answer to a published message. A broker that stays silent for
+    /// `deadline` counts as a lost connection — except while it blocks the connection:
+    /// then it is not reading at all, and the deadline starts again once it unblocks.
+    pub async fn answer(
+        &self,
+        mut confirm: impl Future<Output = lapin::Result<Confirmation>> + Unpin,
+        deadline: Duration,
+    ) -> Outcome {
+        let mut blocked = self.blocked.clone();
+        loop {
+            if blocked.borrow().is_some() {
+                tokio::select! {
+                    result = &mut confirm => return Outcome::from_result(result),
+                    _ = blocked.wait_for(Option::is_none) => continue,
+                }
+            }
+            tokio::select! {
+                result = &mut confirm => return Outcome::from_result(result),
+                _ = tokio::time::sleep(deadline) => {
+                    return Outcome::ConnectionLost {
+                        reason: format!("no publisher confirm within {deadline:?}"),
+                    };
+                }
+                _ = blocked.wait_for(Option::is_some) => continue,
+            }
         }
     }
 
     /// Replaces a channel the broker closed with a fresh one on the same connection.
     pub async fn reopen_channel(&mut self) -> Result<(), AmqpError> {
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .map_err(|source| AmqpError::Protocol {
-                what: "channel.open",
-                source,
-            })?;
-        if self.confirm {
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|source| AmqpError::Protocol {
-                    what: "confirm.select",
-                    source,
-                })?;
-        }
-        self.channel = channel;
+        self.channel = publishing_channel(&self.connection, self.confirm).await?;
         Ok(())
     }
 
@@ -362,10 +341,10 @@ impl Broker {
 
     /// Waits until the broker unblocks the connection (returns at once when it is not
     /// blocked) or the connection fails.
-    pub async fn wait_unblocked(&mut self) {
-        let mut failed = self.failed.clone();
+    pub async fn wait_unblocked(&self) {
+        let (mut blocked, mut failed) = (self.blocked.clone(), self.failed.clone());
         tokio::select! {
-            _ = self.blocked.wait_for(Option::is_none) => {}
+            _ = blocked.wait_for(Option::is_none) => {}
             _ = failed.wait_for(Option::is_some) => {}
         }
     }
@@ -389,6 +368,27 @@ impl Broker {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
         }
     }
+}
+
+/// Opens a channel for publishing, in confirm mode when `confirm`.
+async fn publishing_channel(connection: &Connection, confirm: bool) -> Result<Channel, AmqpError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|source| AmqpError::Protocol {
+            what: "channel.open",
+            source,
+        })?;
+    if confirm {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|source| AmqpError::Protocol {
+                what: "confirm.select",
+                source,
+            })?;
+    }
+    Ok(channel)
 }
 
 async fn forward_events(

@@ -93,9 +93,11 @@ impl fmt::Display for PgTarget {
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl PgTarget {
-    /// Parses a `postgresql://` URL (or a libpq key=value string).
+    /// Parses a `postgresql://` (or `postgres://`) URL.
     pub fn parse(url: &str) -> Result<PgTarget, String> {
         let mut ssl_mode = SslMode::Prefer;
+        let mut url_sets_keepalives = false;
+        let mut url_sets_user_timeout = false;
         let mut root_cert = None;
         let mut client_cert = None;
         let mut client_key = None;
@@ -110,7 +112,11 @@ impl PgTarget {
                     "sslrootcert" => root_cert = Some(PathBuf::from(value.as_ref())),
                     "sslcert" => client_cert = Some(PathBuf::from(value.as_ref())),
                     "sslkey" => client_key = Some(PathBuf::from(value.as_ref())),
-                    _ => kept.push((key.into_owned(), value.into_owned())),
+                    _ => {
+                        url_sets_keepalives |= key.starts_with("keepalives");
+                        url_sets_user_timeout |= key == "tcp_user_timeout";
+                        kept.push((key.into_owned(), value.into_owned()));
+                    }
                 }
             }
             if kept.is_empty() {
@@ -135,6 +141,19 @@ impl PgTarget {
         });
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(DEFAULT_CONNECT_TIMEOUT);
+        }
+        // A network that drops packets silently must not hang a worker for the 15 minutes
+        // TCP takes to give up: keepalives find a dead peer when idle, the user timeout
+        // when data goes unacknowledged. The URL's own settings win.
+        if !url_sets_keepalives {
+            config
+                .keepalives(true)
+                .keepalives_idle(Duration::from_secs(30))
+                .keepalives_interval(Duration::from_secs(10))
+                .keepalives_retries(3);
+        }
+        if !url_sets_user_timeout {
+            config.tcp_user_timeout(Duration::from_secs(60));
         }
         let url_sets_application_name = config.get_application_name().is_some();
         Ok(PgTarget {

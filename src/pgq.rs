@@ -38,8 +38,11 @@ pub enum PgqError {
         /// What is missing, and for whom.
         what: String,
     },
+    /// The session ended while a batch was being relayed.
+    #[error("the PostgreSQL session ended during the batch")]
+    SessionLost,
     /// A statement failed.
-    #[error("{what} failed: {source}")]
+    #[error("{what} failed: {}", crate::pgconn::with_causes(source))]
     Query {
         /// The PgQ function or statement that failed.
         what: &'static str,
@@ -50,23 +53,6 @@ pub enum PgqError {
 }
 
 impl PgqError {
-    /// True when the session is gone (server restart, terminated backend, network):
-    /// the worker must reconnect rather than retry the statement.
-    pub fn is_connection_lost(&self) -> bool {
-        match self {
-            PgqError::Connect(_) => true,
-            PgqError::ExtensionMissing { .. } | PgqError::SchemaMissing { .. } => false,
-            PgqError::Query { source, .. } => {
-                source.is_closed()
-                    || source.code().is_some_and(|code| {
-                        // Class 08: connection exception; 57P01..57P03: admin shutdown,
-                        // crash shutdown, cannot connect now.
-                        code.code().starts_with("08") || matches!(code.code(), "57P01" | "57P02" | "57P03")
-                    })
-            }
-        }
-    }
-
     /// True when PgQ says this consumer is not subscribed: the queue was dropped or the
     /// consumer unregistered behind the relay's back.
     pub fn is_not_subscribed(&self) -> bool {
@@ -75,14 +61,6 @@ impl PgqError {
                 .as_db_error()
                 .is_some_and(|db| db.message().starts_with("Not subscriber to queue")),
             _ => false,
-        }
-    }
-
-    /// The SQLSTATE of a failed statement, if the server sent one.
-    pub fn sqlstate(&self) -> Option<&str> {
-        match self {
-            PgqError::Query { source, .. } => source.code().map(|code| code.code()),
-            _ => None,
         }
     }
 }
@@ -107,7 +85,7 @@ pub struct Batch {
     pub cur_tick_id: i64,
     /// Tick that starts the batch.
     pub prev_tick_id: i64,
-    /// Time of the ending tick (lag is measured from it).
+    /// Time of the ending tick.
     pub cur_tick_time: DateTime<Utc>,
 }
 
@@ -392,6 +370,11 @@ impl BatchTransaction<'_> {
             self.exhausted = true;
         }
         rows.iter().map(event_from_row).collect()
+    }
+
+    /// True once the session under the transaction has ended.
+    pub fn is_closed(&self) -> bool {
+        self.transaction.client().is_closed()
     }
 
     /// The transaction, for dead-letter and audit statements of the same batch.

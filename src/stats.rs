@@ -218,7 +218,7 @@ impl WorkerStats {
             batch_size: Histogram::new(SIZE_BUCKETS),
             batch_duration: Histogram::new(SECONDS_BUCKETS),
             confirm_latency: Histogram::new(SECONDS_BUCKETS),
-            progress_deadline: (wait_duration * 3).max(Duration::from_secs(30)),
+            progress_deadline: wait_duration.saturating_mul(3).max(Duration::from_secs(30)),
             state: AtomicU8::new(WorkerState::Connecting as u8),
             current_batch: AtomicI64::new(0),
             in_flight: AtomicU64::new(0),

@@ -300,7 +300,9 @@ fn read_application(node: Node<'_>, diag: &mut Diagnostics) -> Option<Applicatio
         .unwrap_or(Duration::from_secs(10));
     let origin = table.get("origin").and_then(|e| e.node().non_empty_string(diag));
     let statsd = match table.get("statsd") {
-        Some(entry) => read_statsd(entry.node(), diag)?,
+        // On an error the default stands in, so the rest is still read and checked
+        // (the error itself keeps the configuration from loading).
+        Some(entry) => read_statsd(entry.node(), diag).unwrap_or_default(),
         None => StatsdConfig::default(),
     };
     let http = table.get("http").and_then(|e| read_http(e.node(), diag));
@@ -310,7 +312,7 @@ fn read_application(node: Node<'_>, diag: &mut Diagnostics) -> Option<Applicatio
         .filter(|dsn| !dsn.trim().is_empty())
         .map(Secret::new);
     let ticker = match table.get("ticker") {
-        Some(entry) => read_ticker(entry.node(), diag)?,
+        Some(entry) => read_ticker(entry.node(), diag).unwrap_or_default(),
         None => TickerConfig::default(),
     };
     let workers = match table.get("workers") {
@@ -396,13 +398,19 @@ fn read_statsd(node: Node<'_>, diag: &mut Diagnostics) -> Option<StatsdConfig> {
         .unwrap_or(false);
     let tcp_alias = table.get("tcp").and_then(|e| e.node().bool(diag));
     let protocol = match table.get("protocol") {
-        Some(entry) => match entry.node().string(diag)?.to_ascii_lowercase().as_str() {
-            "udp" => StatsdProtocol::Udp,
-            "tcp" => StatsdProtocol::Tcp,
-            other => {
+        Some(entry) => match entry
+            .node()
+            .string(diag)
+            .map(|p| p.to_ascii_lowercase())
+            .as_deref()
+        {
+            Some("udp") => StatsdProtocol::Udp,
+            Some("tcp") => StatsdProtocol::Tcp,
+            Some(other) => {
                 diag.error(&entry.path, format!("expected udp or tcp, found {other:?}"));
-                return None;
+                StatsdProtocol::Udp
             }
+            None => StatsdProtocol::Udp,
         },
         None if tcp_alias == Some(true) => StatsdProtocol::Tcp,
         None => StatsdProtocol::Udp,
@@ -418,7 +426,18 @@ fn read_statsd(node: Node<'_>, diag: &mut Diagnostics) -> Option<StatsdConfig> {
     })
 }
 
+/// The address `/metrics` and the health checks are served on when `http` does not say.
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9187";
+
 fn read_http(node: Node<'_>, diag: &mut Diagnostics) -> Option<HttpConfig> {
+    // `http: true` (or `http: {}`) serves on the default address; `false` is off.
+    if let Value::Bool(_) = node.value {
+        return node.bool(diag)?.then(|| HttpConfig {
+            listen: DEFAULT_HTTP_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9187))),
+        });
+    }
     let mut table = node.table(diag)?;
     let listen = match table.get("listen") {
         Some(entry) => {
@@ -434,13 +453,7 @@ fn read_http(node: Node<'_>, diag: &mut Diagnostics) -> Option<HttpConfig> {
                 }
             }
         }
-        None => {
-            diag.error(
-                &reader::join(table.path(), "listen"),
-                "missing: the address to serve on, such as \"127.0.0.1:9187\"",
-            );
-            None
-        }
+        None => DEFAULT_HTTP_LISTEN.parse().ok(),
     };
     table.finish(diag);
     Some(HttpConfig { listen: listen? })

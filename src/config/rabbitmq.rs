@@ -139,8 +139,8 @@ pub(crate) fn read_rabbitmq(node: Node<'_>, diag: &mut Diagnostics) -> Option<Ra
     let password = read_password(&mut table, diag).unwrap_or(defaults.password);
     let heartbeat = table
         .get("heartbeat_interval")
-        .and_then(|e| e.node().integer(diag, 0, 65535))
-        .map_or(defaults.heartbeat, |secs| Duration::from_secs(secs as u64));
+        .and_then(|e| heartbeat(e.node(), diag))
+        .unwrap_or(defaults.heartbeat);
     let frame_max = table
         .get("frame_max")
         .and_then(|e| e.node().integer(diag, 4096, i64::from(u32::MAX)))
@@ -161,6 +161,19 @@ pub(crate) fn read_rabbitmq(node: Node<'_>, diag: &mut Diagnostics) -> Option<Ra
         connect_timeout,
         tls,
     })
+}
+
+/// `heartbeat_interval`: a duration of whole seconds, 0 (off) to 65535.
+fn heartbeat(node: Node<'_>, diag: &mut Diagnostics) -> Option<Duration> {
+    let duration = node.duration(diag)?;
+    if duration > Duration::from_secs(65535) {
+        diag.error(
+            node.path,
+            "must be at most 65535 seconds (AMQP negotiates whole seconds)",
+        );
+        return None;
+    }
+    Some(Duration::from_secs(duration.as_secs_f64().round() as u64))
 }
 
 fn read_password(table: &mut super::reader::Table<'_>, diag: &mut Diagnostics) -> Option<Secret> {

@@ -230,6 +230,15 @@ impl<'a> Node<'a> {
             Value::String(s) => parse_duration(s),
             _ => None,
         };
+        // Longer than any sensible delay, and past what PostgreSQL intervals and
+        // timers take comfortably: a typo such as 10000000 days is an error, not a hang.
+        const LONGEST: Duration = Duration::from_secs(366 * 24 * 3600);
+        if let Some(duration) = parsed
+            && duration > LONGEST
+        {
+            diag.error(self.path, "must be at most a year");
+            return None;
+        }
         if parsed.is_none() {
             diag.error(
                 self.path,

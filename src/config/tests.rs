@@ -399,3 +399,65 @@ fn the_shipped_example_yaml_loads_without_warnings() {
     .unwrap_or_else(|errors| panic!("{errors}"));
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
 }
+
+#[test]
+fn http_without_listen_serves_on_the_default_address() {
+    let config = load(&format!("{MINIMAL}  http: {{}}\n")).unwrap();
+    assert_eq!(
+        config.application.http.unwrap().listen.to_string(),
+        DEFAULT_HTTP_LISTEN
+    );
+    let config = load(&format!("{MINIMAL}  http: true\n")).unwrap();
+    assert!(config.application.http.is_some());
+    let config = load(&format!("{MINIMAL}  http: false\n")).unwrap();
+    assert!(config.application.http.is_none());
+}
+
+#[test]
+fn heartbeat_takes_durations_in_whole_seconds() {
+    let config = load(&format!("{MINIMAL}      rabbitmq: {{heartbeat_interval: 1m}}\n")).unwrap();
+    assert_eq!(
+        config.application.workers["invoices"].rabbitmq.heartbeat,
+        Duration::from_secs(60)
+    );
+    let errors = errors(&format!(
+        "{MINIMAL}      rabbitmq: {{heartbeat_interval: 1000000}}\n"
+    ));
+    assert!(errors[0].contains("at most 65535 seconds"), "{errors:?}");
+}
+
+#[test]
+fn absurd_durations_are_errors() {
+    let errors = errors(&format!(
+        "{MINIMAL}      retry_delay: 100000000000\n      wait_duration: 10000h\n"
+    ));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("Application.workers.invoices.retry_delay: must be at most a year"))
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("Application.workers.invoices.wait_duration: must be at most a year"))
+    );
+}
+
+#[test]
+fn one_bad_value_does_not_hide_the_others() {
+    let text = format!(
+        "{MINIMAL}      dead_letter: nowhere\n      max_failures: many\n  statsd: {{protocol: carrier-pigeon, port: 0}}\n"
+    );
+    let errors = errors(&text);
+    for want in [
+        "dead_letter: expected table",
+        "max_failures: expected an integer",
+        "statsd.protocol: expected udp or tcp",
+        "statsd.port: must be between",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "missing {want:?} in {errors:#?}"
+        );
+    }
+}

@@ -168,7 +168,8 @@ pub(crate) fn read_worker(queue: &str, node: Node<'_>, diag: &mut Diagnostics) -
     if !confirm {
         diag.warn(format!(
             "{path}.confirm is false: messages count as delivered once written to the socket, \
-             so a broker failure can lose them (at-most-once)"
+             so a broker failure can lose them (at-most-once), and neither unroutable messages \
+             nor one that makes the broker close the channel can be told apart"
         ));
     }
     let max_in_flight = table
@@ -214,8 +215,8 @@ pub(crate) fn read_worker(queue: &str, node: Node<'_>, diag: &mut Diagnostics) -
         .and_then(|e| e.node().integer(diag, 1, 1_000_000))
         .map_or(DEFAULT_FETCH_SIZE, |n| n as usize);
     let dead_letter = match table.get("dead_letter") {
-        Some(entry) => read_dead_letter(entry.node(), diag)?,
-        None => DeadLetterTarget::Table,
+        Some(entry) => read_dead_letter(entry.node(), diag),
+        None => Some(DeadLetterTarget::Table),
     };
     let exclusive = flag(&mut table, "exclusive", true, diag);
     let unregister = flag(&mut table, "unregister", false, diag);
@@ -252,7 +253,7 @@ pub(crate) fn read_worker(queue: &str, node: Node<'_>, diag: &mut Diagnostics) -
         wait_duration,
         batch_window,
         fetch_size,
-        dead_letter,
+        dead_letter: dead_letter?,
         exclusive,
         unregister,
         shutdown_timeout,

@@ -6,13 +6,17 @@
 //! is opened and the suspects are published again one at a time, waiting for each
 //! confirm, so the one that closes the channel again is the one that fails; the others
 //! are confirmed (some of them a second time, with the same `message_id`). Then
-//! pipelining resumes. The worker never stalls on a bad event.
+//! pipelining resumes for the rest of the batch. The worker never stalls on a bad event.
+//!
+//! This needs publisher confirms: with `confirm: false` the broker says nothing per
+//! message, so neither an unroutable message nor the one that closed the channel can be
+//! told apart (the configuration warns about it).
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use lapin::PublisherConfirm;
@@ -64,17 +68,20 @@ struct InFlight {
     sent_at: Instant,
     /// The broker's answer and how long it took, once seen (a confirm future cannot be
     /// polled again after it completed).
-    outcome: Option<(Outcome, std::time::Duration)>,
+    outcome: Option<(Outcome, Duration)>,
 }
 
 impl InFlight {
-    /// The broker's answer, waiting at most `deadline` for it.
-    async fn wait(&mut self, deadline: std::time::Duration) -> (Outcome, std::time::Duration) {
-        if let Some(answer) = &self.outcome {
+    /// The broker's answer (see [`Broker::answer`] for the deadline).
+    async fn wait(&mut self, broker: &Broker, deadline: Duration) -> (Outcome, Duration) {
+        // Most answers are in by the time they are asked for: no timer for those.
+        if self.is_settled()
+            && let Some(answer) = &self.outcome
+        {
             return answer.clone();
         }
         let answer = (
-            Outcome::within(&mut self.confirm, deadline).await,
+            broker.answer(&mut self.confirm, deadline).await,
             self.sent_at.elapsed(),
         );
         self.outcome = Some(answer.clone());
@@ -105,8 +112,11 @@ pub(super) struct BatchRelay<'a> {
 /// Counts of one relayed batch, for the debug log line.
 #[derive(Debug, Default)]
 pub(super) struct BatchSummary {
+    /// Events in the batch.
     pub events: u64,
-    pub published: u64,
+    /// Events handed to the publisher (the others were rejected or already confirmed).
+    pub to_publish: u64,
+    /// Events confirmed in an earlier attempt at this batch, skipped.
     pub already_confirmed: u64,
 }
 
@@ -121,7 +131,7 @@ impl BatchRelay<'_> {
         self.progress.start(batch.id);
         let mut transaction = session.open_batch(batch, self.config.fetch_size).await?;
         let mut window = Window::default();
-        let mut settlement = Settlement::default();
+        let mut settlement = Settlement::new(self.defaults.message_ids);
         let mut summary = BatchSummary::default();
         let published = self
             .publish_all(&mut transaction, &mut window, &mut settlement, &mut summary)
@@ -131,7 +141,7 @@ impl BatchRelay<'_> {
                 // The batch will be read again on a new session. What is already on its
                 // way to the broker is waited for, so the confirmed part is not
                 // published twice; anything else is decided again then.
-                let _ = self.drain(&mut window, &mut Settlement::default()).await;
+                self.record_confirms(&mut window).await;
             }
             return Err(error);
         }
@@ -169,8 +179,9 @@ impl BatchRelay<'_> {
                     Err(rejection) => settlement.rejected(&self.config.queue, event, rejection.to_string()),
                 }
             }
-            summary.published += ready.len() as u64;
-            self.publish_in_order(ready, window, settlement).await?;
+            summary.to_publish += ready.len() as u64;
+            self.publish_in_order(ready, transaction, window, settlement)
+                .await?;
             if settlement.should_flush() {
                 self.drain(window, settlement).await?;
                 settlement.flush(self.config, transaction, self.broker).await?;
@@ -185,7 +196,6 @@ impl BatchRelay<'_> {
         started: Instant,
         events: u64,
     ) -> Result<(), WorkerError> {
-        self.stats.batch_size.observe(events as f64);
         settlement.flush(self.config, &transaction, self.broker).await?;
         if self.config.audit {
             audit::mark_confirmed(
@@ -199,6 +209,7 @@ impl BatchRelay<'_> {
         self.progress.finished();
         settlement.totals.record(self.stats);
         self.stats.batches.add(1);
+        self.stats.batch_size.observe(events as f64);
         self.stats.batch_duration.observe_duration(started.elapsed());
         tracing::debug!(queue = %self.config.queue, elapsed = ?started.elapsed(), "batch finished");
         Ok(())
@@ -214,6 +225,7 @@ impl BatchRelay<'_> {
     async fn publish_in_order(
         &mut self,
         ready: Vec<(Event, Message)>,
+        transaction: &BatchTransaction<'_>,
         window: &mut Window,
         settlement: &mut Settlement,
     ) -> Result<(), WorkerError> {
@@ -223,9 +235,12 @@ impl BatchRelay<'_> {
                 self.make_room(window, settlement).await?;
                 continue;
             }
-            if self.broker.blocked_reason().is_some() {
-                self.broker.wait_unblocked().await;
+            // Without the session, the exclusive lock may be gone and a standby may be
+            // taking over this batch: stop publishing at once.
+            if transaction.is_closed() {
+                return Err(WorkerError::Postgres(crate::pgq::PgqError::SessionLost));
             }
+            self.broker.wait_unblocked().await;
             let room = (self.config.max_in_flight - window.len()).min(PUBLISH_GROUP);
             let (events, messages): (Vec<Event>, Vec<Message>) = ready.by_ref().take(room).unzip();
             let broker = &*self.broker;
@@ -249,13 +264,14 @@ impl BatchRelay<'_> {
                     Err(error) => {
                         // The channel refused the message outright: an earlier publish
                         // closed it, or the connection is gone. This event, the rest of
-                        // the group and everything unconfirmed are suspects.
-                        let outcome = Outcome::from_error(&error);
+                        // its group and everything unconfirmed are suspects; the rest of
+                        // the chunk goes on pipelined afterwards.
+                        let reason = channel_failure(Outcome::from_error(&error))?;
                         let mut suspects = window.take_events();
                         suspects.push(event);
-                        suspects.extend(group);
-                        suspects.extend(ready.map(|(event, _)| event));
-                        return self.after_channel_failure(outcome, suspects, settlement).await;
+                        suspects.extend(group.by_ref());
+                        self.after_channel_failure(reason, suspects, settlement).await?;
+                        break;
                     }
                 }
             }
@@ -265,9 +281,9 @@ impl BatchRelay<'_> {
     }
 
     /// Makes room in a full window. Waits for the confirm a quarter of the way in (the
-    /// broker confirms in order, so the ones before it are in too), then settles every
-    /// confirm that has arrived: one wake-up per quarter window instead of one per
-    /// message, and room for a whole publish group afterwards.
+    /// broker usually confirms in order, so the ones before it are mostly in too), then
+    /// settles every confirm that has arrived from the oldest on: one wake-up per quarter
+    /// window instead of one per message, and room for a whole publish group afterwards.
     async fn make_room(
         &mut self,
         window: &mut Window,
@@ -275,7 +291,11 @@ impl BatchRelay<'_> {
     ) -> Result<(), WorkerError> {
         let quarter = (self.config.max_in_flight / 4).clamp(1, window.len().max(1));
         if let Some(flight) = window.flights.get_mut(quarter - 1) {
-            flight.wait(self.config.confirm_timeout).await;
+            let (outcome, _) = flight.wait(self.broker, self.config.confirm_timeout).await;
+            if let Outcome::ConnectionLost { reason } = outcome {
+                // No need to wait out the deadline once more for the oldest.
+                return Err(WorkerError::BrokerLost { reason });
+            }
         }
         self.settle_oldest(window, settlement).await?;
         while window.front_is_settled() {
@@ -293,16 +313,17 @@ impl BatchRelay<'_> {
         let Some(mut flight) = window.pop() else {
             return Ok(());
         };
-        let (outcome, latency) = flight.wait(self.config.confirm_timeout).await;
+        let (outcome, latency) = flight.wait(self.broker, self.config.confirm_timeout).await;
         self.stats.set_in_flight(window.len());
         if outcome == Outcome::Acked {
             self.stats.confirm_latency.observe_duration(latency);
         }
         match outcome {
             Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. } => {
+                let reason = channel_failure(outcome)?;
                 let mut suspects = vec![flight.event];
                 suspects.extend(window.take_events());
-                self.after_channel_failure(outcome, suspects, settlement).await
+                self.after_channel_failure(reason, suspects, settlement).await
             }
             settled => {
                 self.settle(flight.event, settled, settlement);
@@ -317,6 +338,23 @@ impl BatchRelay<'_> {
             self.settle_oldest(window, settlement).await?;
         }
         Ok(())
+    }
+
+    /// After losing the PostgreSQL session: notes the confirms already on their way, and
+    /// nothing else. Nothing is published again here, since without the session the
+    /// queue's lock may already belong to a standby.
+    async fn record_confirms(&mut self, window: &mut Window) {
+        while let Some(mut flight) = window.pop() {
+            match flight.wait(self.broker, self.config.confirm_timeout).await.0 {
+                Outcome::Acked => {
+                    self.progress.confirmed(flight.event.ev_id);
+                    self.stats.processed.add(1);
+                }
+                Outcome::ChannelClosed { .. } | Outcome::ConnectionLost { .. } => break,
+                Outcome::Nacked | Outcome::Returned { .. } => {}
+            }
+        }
+        self.stats.set_in_flight(0);
     }
 
     /// Records an ack, nack or return for `event`.
@@ -357,23 +395,15 @@ impl BatchRelay<'_> {
         }
     }
 
-    /// The channel or connection failed with `suspects` unconfirmed (in `ev_id` order).
+    /// The broker closed the channel (`reason`) with `suspects` unconfirmed, in `ev_id`
+    /// order: publishes them again one at a time on a new channel.
     async fn after_channel_failure(
         &mut self,
-        outcome: Outcome,
+        reason: String,
         suspects: Vec<Event>,
         settlement: &mut Settlement,
     ) -> Result<(), WorkerError> {
         self.stats.set_in_flight(0);
-        let reason = match outcome {
-            Outcome::ChannelClosed { reason } => reason,
-            Outcome::ConnectionLost { reason } => return Err(WorkerError::BrokerLost { reason }),
-            settled => {
-                return Err(WorkerError::BrokerLost {
-                    reason: format!("unexpected broker answer {settled:?} for a failed channel"),
-                });
-            }
-        };
         tracing::warn!(
             queue = %self.config.queue,
             %reason,
@@ -430,6 +460,18 @@ impl BatchRelay<'_> {
                 );
             }
         }
+    }
+}
+
+/// The broker's reason for closing the channel; a lost connection is an error instead
+/// (everything unconfirmed is published again on the next connection).
+fn channel_failure(outcome: Outcome) -> Result<String, WorkerError> {
+    match outcome {
+        Outcome::ChannelClosed { reason } => Ok(reason),
+        Outcome::ConnectionLost { reason } => Err(WorkerError::BrokerLost { reason }),
+        settled => Err(WorkerError::BrokerLost {
+            reason: format!("unexpected broker answer {settled:?} for a failed channel"),
+        }),
     }
 }
 

@@ -195,7 +195,14 @@ impl Worker {
         let summary = relay.relay(&mut link.session, &batch).await;
         self.stats.set_current_batch(None);
         let summary = summary?;
-        tracing::debug!(queue = %self.config.queue, batch = batch.id, ?summary, "batch relayed");
+        tracing::debug!(
+            queue = %self.config.queue,
+            batch = batch.id,
+            ticks = %format!("{}..{}", batch.prev_tick_id, batch.cur_tick_id),
+            tick_time = %batch.cur_tick_time,
+            ?summary,
+            "batch relayed"
+        );
         Ok(Turn::Relayed)
     }
 
@@ -321,7 +328,13 @@ impl Worker {
 
     async fn log_status(&self, pg: Option<&PgLink>) {
         let info = match pg {
-            Some(link) => link.session.consumer_info().await.ok().flatten(),
+            Some(link) => match link.session.consumer_info().await {
+                Ok(info) => info,
+                Err(error) => {
+                    tracing::warn!(queue = %self.config.queue, %error, "cannot read the consumer's lag from pgq");
+                    None
+                }
+            },
             None => None,
         };
         if let Some(info) = &info {

@@ -6,7 +6,7 @@ use crate::config::{DeadLetterTarget, WorkerConfig};
 use crate::deadletter::{self, DeadLetter};
 use crate::error::WorkerError;
 use crate::event::Event;
-use crate::mapping::{Message, iso_timestamp};
+use crate::mapping::{Message, MessageIdNamespace, iso_timestamp};
 use crate::pgq::BatchTransaction;
 use crate::stats::WorkerStats;
 use lapin::BasicProperties;
@@ -25,6 +25,9 @@ pub(super) struct Settlement {
     rejections: Vec<(Event, String)>,
     /// Totals for the batch, added to the stats once the batch commits.
     pub totals: Totals,
+    /// Where dead letters sent to an exchange get their `message_id` (the original
+    /// event's), so a letter sent twice can be de-duplicated too.
+    message_ids: Option<MessageIdNamespace>,
 }
 
 /// What happened to the events of a batch.
@@ -37,6 +40,14 @@ pub(super) struct Totals {
 }
 
 impl Settlement {
+    /// Nothing settled yet; dead letters on an exchange carry ids from `message_ids`.
+    pub fn new(message_ids: Option<MessageIdNamespace>) -> Self {
+        Settlement {
+            message_ids,
+            ..Settlement::default()
+        }
+    }
+
     /// Notes a failed publish attempt.
     pub fn failed(&mut self, queue: &str, event: Event, reason: String) {
         tracing::warn!(queue, ev_id = event.ev_id, attempt = event.retries() + 1, %reason, "event not delivered");
@@ -140,8 +151,15 @@ impl Settlement {
             } => {
                 let mut undelivered = Vec::new();
                 for (event, reason) in letters {
-                    let message =
-                        dead_letter_message(config, exchange, routing_key.as_deref(), event, reason);
+                    let message_id = self.message_ids.map(|ids| ids.message_id(event.ev_id));
+                    let message = dead_letter_message(
+                        config,
+                        exchange,
+                        routing_key.as_deref(),
+                        event,
+                        reason,
+                        message_id,
+                    );
                     match broker
                         .publish_and_wait(message, event.body(), true, config.confirm_timeout)
                         .await
@@ -179,6 +197,7 @@ fn dead_letter_message(
     routing_key: Option<&str>,
     event: &Event,
     reason: &str,
+    message_id: Option<uuid::Uuid>,
 ) -> Message {
     let mut headers = FieldTable::default();
     let mut put = |name: &str, value: AMQPValue| {
@@ -210,10 +229,18 @@ fn dead_letter_message(
     Message {
         exchange: ShortString::try_new(exchange).unwrap_or_default(),
         routing_key,
-        properties: BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_app_id(ShortString::try_new(config.app_id.as_str()).unwrap_or_default())
-            .with_headers(headers),
+        properties: {
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_app_id(ShortString::try_new(config.app_id.as_str()).unwrap_or_default())
+                .with_headers(headers);
+            match message_id {
+                Some(id) => {
+                    properties.with_message_id(ShortString::try_new(id.to_string()).unwrap_or_default())
+                }
+                None => properties,
+            }
+        },
     }
 }
 

@@ -298,6 +298,41 @@ async fn sighup_adds_removes_and_changes_workers_and_refuses_a_bad_file() {
 }
 
 #[tokio::test]
+async fn sighup_applies_log_level_changes() {
+    let queue = PgQueue::create("ops_hup_levels").await;
+    let logging = |level: &str| {
+        format!(
+            "Logging:\n  handlers:\n    console: {{class: logging.StreamHandler}}\n  loggers:\n    \
+             mikkoo: {{level: {level}, handlers: [console]}}\n  root: {{level: WARNING, handlers: [console]}}\n"
+        )
+    };
+    let workers = config_yaml(&[worker_yaml(&queue.name, "")]);
+    let mut relay = Relay::start_with_configured_levels(&format!("{workers}{}", logging("WARNING")));
+    eventually("the worker to connect", || async {
+        let row = queue
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&format!("mikkoo {}", queue.name)],
+            )
+            .await
+            .ok()?;
+        (row.get::<_, i64>(0) == 1).then_some(())
+    })
+    .await;
+    assert!(
+        !relay.log().contains(" INFO "),
+        "at WARNING no info line is written: {}",
+        relay.log()
+    );
+    std::fs::write(&relay.config_path, format!("{workers}{}", logging("INFO"))).unwrap();
+    relay.signal(Signal::SIGHUP);
+    // The status line every poll_interval (1 s here) is an info line.
+    relay.wait_for_log(" INFO mikkoo::worker: status").await;
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
 async fn sigusr1_logs_a_status_line_per_worker() {
     let queue = PgQueue::create("ops_usr1").await;
     let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "")]));

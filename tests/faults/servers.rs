@@ -250,7 +250,7 @@ async fn blocked_connection_pauses_publishing() {
     let _serial = serial().await;
     let mut queue = PgQueue::create("fault_blocked").await;
     let mut sink = Sink::topic("fault_blocked").await;
-    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "")]));
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "confirm_timeout: 1s")]));
     queue
         .insert_batch(&[NewEvent::to(&sink.exchange, "k", "warm-up")])
         .await;
@@ -266,10 +266,18 @@ async fn blocked_connection_pauses_publishing() {
     let mut ledger = Ledger::default();
     insert_batches(&mut queue, &mut ledger, &sink.exchange, "blocked", 1, 50).await;
     relay.wait_for_log("rabbitmq blocked the connection").await;
+    // Stay blocked well past confirm_timeout: a blocked broker reads nothing, so waiting
+    // is right, and the deadline must not turn it into a reconnect.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     set_watermark("0.4");
     let mut deliveries = Vec::new();
     collect_all(&mut sink, &mut queue, &ledger, &mut deliveries).await;
     ledger.verify(&deliveries).assert_promise(1);
     relay.wait_for_log("rabbitmq unblocked the connection").await;
+    let log = relay.log();
+    assert!(
+        !log.contains("no publisher confirm within") && !log.contains("worker failed"),
+        "{log}"
+    );
     assert!(relay.stop().await.success());
 }

@@ -597,17 +597,31 @@ impl Relay {
 
     /// Starts `mikkoo -f` with `config` and extra arguments.
     pub fn start_with(config: &str, args: &[&str]) -> Relay {
+        Self::spawn(config, args, Some("mikkoo=debug,warn,lapin=off"))
+    }
+
+    /// Starts `mikkoo -f` with levels from the configuration's `Logging` section only.
+    pub fn start_with_configured_levels(config: &str) -> Relay {
+        Self::spawn(config, &[], None)
+    }
+
+    fn spawn(config: &str, args: &[&str], log_filter: Option<&str>) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("mikkoo.yaml");
         std::fs::write(&config_path, config).unwrap();
         let log_path = dir.path().join("relay.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .arg("-f")
             .arg("-c")
             .arg(&config_path)
             .args(args)
-            .env("MIKKOO_LOG", "mikkoo=debug,warn,lapin=off")
+            .env_remove("MIKKOO_LOG");
+        if let Some(filter) = log_filter {
+            command.env("MIKKOO_LOG", filter);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
