@@ -1,5 +1,6 @@
-//! The operator's subcommands besides running the relay: `dead-letter list|replay` and
-//! `audit report|consume`. Each prints its result and says how the process should exit.
+//! The operator's subcommands besides running the relay: `check`, `status`,
+//! `dead-letter list|replay` and `audit report|consume`. Each prints its result and
+//! says how the process should exit.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,7 +21,8 @@ use crate::pgq::PgqSession;
 pub enum Finished {
     /// Done, nothing to report (exit 0).
     Clean,
-    /// Done, and what it found needs attention (exit 1): stragglers in the audit.
+    /// Done, and what it found needs attention (exit 1): unreachable servers,
+    /// stragglers in the audit.
     Findings,
 }
 
@@ -73,6 +75,40 @@ async fn session(worker: &WorkerConfig) -> Result<PgqSession, CommandError> {
     PgqSession::connect(&worker.postgres, &worker.queue, &worker.consumer_name)
         .await
         .map_err(failed)
+}
+
+/// `check`: the resolved configuration; with `connect`, every worker's servers.
+pub async fn check(config: &Config, connect: bool) -> Result<Finished, CommandError> {
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+    print!("{}", crate::check::summary(config));
+    if !connect {
+        return Ok(Finished::Clean);
+    }
+    let (report, all_ok) = crate::check::connect_all(config).await;
+    print!("{report}");
+    if all_ok {
+        Ok(Finished::Clean)
+    } else {
+        eprintln!("mikkoo: some servers could not be reached (see above)");
+        Ok(Finished::Findings)
+    }
+}
+
+/// `status`: PgQ's figures for every configured queue, as a table or JSON.
+pub async fn status(config: &Config, json: bool) -> Result<Finished, CommandError> {
+    let statuses = crate::status::collect(config).await;
+    if json {
+        println!("{}", crate::status::json(&statuses));
+    } else {
+        print!("{}", crate::status::table(&statuses));
+    }
+    Ok(if statuses.iter().any(|s| s.error.is_some()) {
+        Finished::Findings
+    } else {
+        Finished::Clean
+    })
 }
 
 /// `dead-letter list`.

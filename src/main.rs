@@ -13,7 +13,7 @@ use mikkoo::commands::{self, CommandError, Finished};
 use mikkoo::config::Config;
 use mikkoo::deadletter::Selection;
 use mikkoo::logging::{self, LogOverrides};
-use mikkoo::{app, check, daemon, host, reporting, schema, status};
+use mikkoo::{app, daemon, host, reporting, schema};
 
 /// Exit status for usage and configuration errors.
 const EXIT_CONFIG: u8 = 2;
@@ -27,8 +27,12 @@ fn main() -> ExitCode {
             print!("{}", schema::MIKKOO_SQL);
             ExitCode::SUCCESS
         }
-        Some(Command::Check { connect }) => check_config(&cli, connect),
-        Some(Command::Status { json }) => show_status(&cli, json),
+        Some(Command::Check { connect }) => operate(&cli, |config, _stop| async move {
+            commands::check(&config, connect).await
+        }),
+        Some(Command::Status { json }) => operate(&cli, |config, _stop| async move {
+            commands::status(&config, json).await
+        }),
         Some(Command::DeadLetter { ref action }) => operate(&cli, |config, _stop| async move {
             match action {
                 DeadLetterAction::List { queue, json } => {
@@ -74,32 +78,6 @@ fn load(cli: &Cli) -> Result<Config, ExitCode> {
             eprintln!("{errors}");
             Err(ExitCode::from(EXIT_CONFIG))
         }
-    }
-}
-
-fn check_config(cli: &Cli, connect: bool) -> ExitCode {
-    let config = match load(cli) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    for warning in &config.warnings {
-        eprintln!("warning: {warning}");
-    }
-    print!("{}", check::summary(&config));
-    if !connect {
-        return ExitCode::SUCCESS;
-    }
-    let runtime = match current_thread_runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    let (report, all_ok) = runtime.block_on(check::connect_all(&config));
-    print!("{report}");
-    if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        eprintln!("mikkoo: some servers could not be reached (see above)");
-        ExitCode::from(EXIT_FATAL)
     }
 }
 
@@ -150,28 +128,6 @@ fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         .enable_all()
         .build()
         .map_err(|error| fatal(&format!("cannot start the async runtime: {error}")))
-}
-
-fn show_status(cli: &Cli, json: bool) -> ExitCode {
-    let config = match load(cli) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
-    let runtime = match current_thread_runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    let statuses = runtime.block_on(status::collect(&config));
-    if json {
-        println!("{}", status::json(&statuses));
-    } else {
-        print!("{}", status::table(&statuses));
-    }
-    if statuses.iter().any(|s| s.error.is_some()) {
-        ExitCode::from(EXIT_FATAL)
-    } else {
-        ExitCode::SUCCESS
-    }
 }
 
 fn run(cli: &Cli) -> ExitCode {

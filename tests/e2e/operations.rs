@@ -66,10 +66,7 @@ async fn readyz_goes_red_while_the_broker_is_unreachable() {
     let queue = _queue_guard.name.clone();
     let mut proxy = faults::Proxy::reserved("127.0.0.1:5672").await;
     let port = free_port();
-    let worker = worker_yaml(&queue, "").replace(
-        &format!("rabbitmq_url: {AMQP_URL}"),
-        &format!("rabbitmq: {{host: 127.0.0.1, port: {}}}", proxy.port),
-    );
+    let worker = worker_yaml_via(&queue, "", &format!("host: 127.0.0.1, port: {}", proxy.port));
     let mut relay = Relay::start(&with_http(config_yaml(&[worker]), port));
     // Once the first attempt failed, the reason says why.
     let wanted = format!(
@@ -101,15 +98,7 @@ async fn readyz_goes_red_when_a_worker_stalls() {
     wait_http(port, "/readyz", 200).await;
     // Hold the consumer's subscription row: pgq.next_batch blocks behind the lock, so
     // the worker makes no progress although both connections are up.
-    let mut blocker = pg().await;
-    let lock = blocker.transaction().await.unwrap();
-    lock.execute(
-        "SELECT 1 FROM pgq.subscription s JOIN pgq.queue q ON q.queue_id = s.sub_queue \
-         WHERE q.queue_name = $1 FOR UPDATE OF s",
-        &[&queue.name],
-    )
-    .await
-    .unwrap();
+    let lock = queue.lock_subscription().await;
     queue.tick().await;
     let reason = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
@@ -122,7 +111,7 @@ async fn readyz_goes_red_when_a_worker_stalls() {
     .await
     .expect("/readyz turns red within the progress deadline (30 s)");
     assert!(reason.contains("no progress for"), "{reason}");
-    lock.rollback().await.unwrap();
+    lock.release().await;
     wait_http(port, "/readyz", 200).await;
     assert!(relay.stop().await.success());
 }
@@ -502,9 +491,10 @@ async fn fake_sentry() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
 async fn errors_are_reported_to_sentry_without_secrets() {
     let queue = PgQueue::create("ops_sentry").await;
     let (port, mut reports) = fake_sentry().await;
-    let worker = worker_yaml(&queue.name, "").replace(
-        &format!("rabbitmq_url: {AMQP_URL}"),
-        "rabbitmq: {host: 127.0.0.1, port: 1, password: hunter2-secret}",
+    let worker = worker_yaml_via(
+        &queue.name,
+        "",
+        "host: 127.0.0.1, port: 1, password: hunter2-secret",
     );
     let config = format!(
         "{}  sentry_dsn: http://publickey@127.0.0.1:{port}/42\n",

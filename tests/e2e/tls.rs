@@ -13,9 +13,10 @@ const KEY_PASSWORD: &str = "k3y-pass-9f2c";
 /// A worker that reaches RabbitMQ over TLS with `ssl_options` (YAML flow mapping body)
 /// at `host`.
 fn tls_worker(queue: &str, host: &str, ssl_options: &str) -> String {
-    worker_yaml(queue, "").replace(
-        &format!("rabbitmq_url: {AMQP_URL}"),
-        &format!("rabbitmq: {{host: {host}, port: 5671, ssl_options: {{{ssl_options}}}}}"),
+    worker_yaml_via(
+        queue,
+        "",
+        &format!("host: {host}, port: 5671, ssl_options: {{{ssl_options}}}"),
     )
 }
 
@@ -150,9 +151,10 @@ async fn a_wrong_host_name_is_refused_and_server_name_or_verify_false_accept_it(
 async fn amqps_urls_turn_tls_on_and_verify_by_default() {
     let queue = unique("tls_url");
     let url_worker = |extra: &str| {
-        worker_yaml(&queue, "").replace(
-            &format!("rabbitmq_url: {AMQP_URL}"),
-            &format!("rabbitmq: {{url: \"amqps://guest:guest@localhost:5671/%2f\"{extra}}}"),
+        worker_yaml_via(
+            &queue,
+            "",
+            &format!("url: \"amqps://guest:guest@localhost:5671/%2f\"{extra}"),
         )
     };
     let (status, output) = check_connect(&config_yaml(&[url_worker(&format!(

@@ -114,15 +114,7 @@ async fn a_stop_that_cannot_finish_leaves_the_batch_open_after_shutdown_timeout(
     wait_mid_batch(&mut sink, &queue, &mut deliveries, 50).await;
     // The batch is open; hold the consumer's subscription row so that its
     // pgq.finish_batch has to wait.
-    let mut blocker = pg().await;
-    let lock = blocker.transaction().await.unwrap();
-    lock.execute(
-        "SELECT 1 FROM pgq.subscription s JOIN pgq.queue q ON q.queue_id = s.sub_queue \
-         WHERE q.queue_name = $1 FOR UPDATE OF s",
-        &[&queue.name],
-    )
-    .await
-    .unwrap();
+    let lock = queue.lock_subscription().await;
     let started = Instant::now();
     let status = relay.stop().await;
     assert!(status.success(), "{status:?}");
@@ -134,7 +126,7 @@ async fn a_stop_that_cannot_finish_leaves_the_batch_open_after_shutdown_timeout(
         "{}",
         relay.log()
     );
-    lock.rollback().await.unwrap();
+    lock.release().await;
     assert!(
         queue.open_batch().await.is_some(),
         "the unfinished batch stays open"
@@ -154,13 +146,7 @@ async fn unregister_true_unregisters_on_a_clean_stop() {
     relay.wait_for_log("connected to rabbitmq").await;
     assert!(relay.stop().await.success());
     assert!(relay.log().contains("unregistered pgq consumer"));
-    let registered: i64 = queue
-        .client
-        .query_one("SELECT count(*) FROM pgq.get_consumer_info($1)", &[&queue.name])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(registered, 0);
+    assert!(!queue.is_registered().await);
 }
 
 #[tokio::test]
@@ -170,11 +156,5 @@ async fn unregister_false_keeps_the_consumer() {
     let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "")]));
     relay.wait_for_log("connected to rabbitmq").await;
     assert!(relay.stop().await.success());
-    let registered: i64 = queue
-        .client
-        .query_one("SELECT count(*) FROM pgq.get_consumer_info($1)", &[&queue.name])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(registered, 1);
+    assert!(queue.is_registered().await);
 }

@@ -38,10 +38,7 @@ async fn broker_unreachable_at_start_then_reachable() {
     let mut queue = PgQueue::create("fault_late_broker").await;
     let mut sink = Sink::topic("fault_late_broker").await;
     let mut proxy = Proxy::reserved("127.0.0.1:5672").await;
-    let worker = worker_yaml(&queue.name, "").replace(
-        &format!("rabbitmq_url: {AMQP_URL}"),
-        &format!("rabbitmq: {{host: 127.0.0.1, port: {}}}", proxy.port),
-    );
+    let worker = worker_yaml_via(&queue.name, "", &format!("host: 127.0.0.1, port: {}", proxy.port));
     let mut relay = Relay::start(&config_yaml(&[worker]));
     let mut ledger = Ledger::default();
     insert_batches(&mut queue, &mut ledger, &sink.exchange, "late", 3, 100).await;
@@ -66,12 +63,13 @@ async fn silent_broker_is_detected_by_the_confirm_timeout() {
     let mut sink = Sink::topic("fault_silent").await;
     let mut proxy = Proxy::reserved("127.0.0.1:5672").await;
     proxy.start().await;
-    let worker = worker_yaml(&queue.name, &format!("{SLOW_BATCHES}\nconfirm_timeout: 1s")).replace(
-        &format!("rabbitmq_url: {AMQP_URL}"),
+    let worker = worker_yaml_via(
+        &queue.name,
         &format!(
-            "rabbitmq: {{host: 127.0.0.1, port: {}, heartbeat_interval: 0}}",
-            proxy.port
+            "{SLOW_BATCHES}
+confirm_timeout: 1s"
         ),
+        &format!("host: 127.0.0.1, port: {}, heartbeat_interval: 0", proxy.port),
     );
     let mut relay = Relay::start(&config_yaml(&[worker]));
     let mut ledger = Ledger::default();
@@ -168,10 +166,7 @@ async fn a_failing_broker_does_not_hold_up_another_queue() {
     let mut healthy = PgQueue::create("fault_iso_ok").await;
     let mut broken = PgQueue::create("fault_iso_bad").await;
     let mut sink = Sink::topic("fault_iso").await;
-    let bad_worker = worker_yaml(&broken.name, "").replace(
-        &format!("rabbitmq_url: {AMQP_URL}"),
-        "rabbitmq: {host: 127.0.0.1, port: 1}",
-    );
+    let bad_worker = worker_yaml_via(&broken.name, "", "host: 127.0.0.1, port: 1");
     let mut relay = Relay::start(&config_yaml(&[worker_yaml(&healthy.name, ""), bad_worker]));
     let mut ledger = Ledger::default();
     insert_batches(
@@ -227,15 +222,7 @@ async fn consumer_unregistered_behind_the_relays_back_is_registered_again() {
         .wait_for_log("consumer unregistered behind the relay's back")
         .await;
     eventually("the consumer to be registered again", || async {
-        let row = queue
-            .client
-            .query_one(
-                "SELECT count(*) FROM pgq.get_consumer_info($1) WHERE consumer_name = $2",
-                &[&queue.name, &queue.consumer],
-            )
-            .await
-            .unwrap();
-        (row.get::<_, i64>(0) == 1).then_some(())
+        queue.is_registered().await.then_some(())
     })
     .await;
     queue

@@ -197,6 +197,35 @@ impl PgQueue {
         (0..n).map(|i| format!("{tag}-{i}")).collect()
     }
 
+    /// True while the relay's consumer is registered on the queue.
+    pub async fn is_registered(&self) -> bool {
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(*) FROM pgq.get_consumer_info($1) WHERE consumer_name = $2",
+                &[&self.name, &self.consumer],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) == 1
+    }
+
+    /// Holds the consumer's subscription row (on a session of its own) until the guard
+    /// is released: `pgq.next_batch` and `pgq.finish_batch` of the relay wait behind it.
+    pub async fn lock_subscription(&self) -> SubscriptionLock {
+        let client = pg().await;
+        client.batch_execute("BEGIN").await.unwrap();
+        client
+            .execute(
+                "SELECT 1 FROM pgq.subscription s JOIN pgq.queue q ON q.queue_id = s.sub_queue \
+                 WHERE q.queue_name = $1 FOR UPDATE OF s",
+                &[&self.name],
+            )
+            .await
+            .unwrap();
+        SubscriptionLock { client }
+    }
+
     /// The consumer's open batch, if any.
     pub async fn open_batch(&self) -> Option<i64> {
         self.client
@@ -312,6 +341,17 @@ impl Drop for PgQueue {
             });
         })
         .join();
+    }
+}
+
+/// A held lock on a consumer's subscription row; [`SubscriptionLock::release`] lets go.
+pub struct SubscriptionLock {
+    client: Client,
+}
+
+impl SubscriptionLock {
+    pub async fn release(self) {
+        self.client.batch_execute("ROLLBACK").await.unwrap();
     }
 }
 
@@ -579,6 +619,16 @@ pub fn worker_yaml(queue: &str, extra: &str) -> String {
         text.push('\n');
     }
     text
+}
+
+/// A worker block like [`worker_yaml`] that reaches RabbitMQ through `rabbitmq` (the
+/// body of a YAML flow mapping, e.g. `host: 127.0.0.1, port: 1`) instead of the local
+/// broker's URL.
+pub fn worker_yaml_via(queue: &str, extra: &str, rabbitmq: &str) -> String {
+    worker_yaml(queue, extra).replace(
+        &format!("rabbitmq_url: {AMQP_URL}"),
+        &format!("rabbitmq: {{{rabbitmq}}}"),
+    )
 }
 
 /// A whole configuration with the given worker blocks.
