@@ -25,12 +25,12 @@
 //! - [`metrics`]: metric names; Prometheus text and statsd lines.
 //! - [`http`]: `/metrics`, `/livez`, `/readyz`, `/status`.
 //! - [`statsd`]: the statsd reporter (UDP or TCP, flushed every second).
-//! - [`status`]: `mikkoo status`.
+//! - [`status`]: the figures `mikkoo status` reads from PgQ.
 //! - [`ticker`]: the built-in PgQ ticker and maintenance.
 //! - [`logging`]: log levels and outputs from the `Logging` section.
 //! - [`daemon`]: detaching, pidfile, dropping privileges.
-//! - [`check`]: `mikkoo check`.
-//! - [`commands`]: `mikkoo dead-letter` and `mikkoo audit`.
+//! - [`check`]: what `mikkoo check` prints and connects to.
+//! - [`commands`]: the operator subcommands: `check`, `status`, `dead-letter`, `audit`.
 //! - [`host`]: the host's FQDN.
 //! - [`reporting`]: error reports to Sentry.
 //! - [`schema`]: the helper SQL schema printed by `mikkoo sql`.
