@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install (if missing) and start (if down), on loopback only, everything mikkoo and its
-# tests need: PostgreSQL 15 with the pgq extension, the pgqd ticker daemon, and RabbitMQ.
+# tests need: PostgreSQL 15 with the pgq extension, the pgqd ticker daemon, RabbitMQ,
+# and (for the TLS tests) a listener in front of RabbitMQ that requires client
+# certificates.
 #
 # Idempotent: running it again on a machine where everything is up changes nothing.
 # Meant for a Debian 12 machine, run as root (as CI and the quick start do).
@@ -20,6 +22,13 @@ TLS_KEY_PASSWORD=k3y-pass-9f2c
 # Bumped when the material changes, so an older set is made again.
 TLS_VERSION=3
 CERTIFICATES_CHANGED=0
+# RabbitMQ applies one set of ssl_options to all its AMQP listeners, so its own TLS
+# listener (5671) verifies client certificates only when presented. The listener that
+# requires them is stunnel on 5673, terminating TLS and forwarding to RabbitMQ's 5672.
+CLIENT_CERT_PORT=5673
+STUNNEL_CONF=/etc/mikkoo-test-stunnel.conf
+STUNNEL_PID=/run/mikkoo-test-stunnel.pid
+STUNNEL_LOG=/var/log/mikkoo-test-stunnel.log
 
 log() { printf 'services: %s\n' "$*" >&2; }
 
@@ -225,6 +234,47 @@ CONF
   return 0
 }
 
+stunnel_up() { [ -f "$STUNNEL_PID" ] && kill -0 "$(cat "$STUNNEL_PID")" 2>/dev/null; }
+stunnel_down() { ! stunnel_up; }
+
+# Starts (or, after new certificates or a changed configuration, restarts) the TLS
+# listener on 127.0.0.1:$CLIENT_CERT_PORT that refuses clients without a certificate
+# signed by the test CA.
+start_client_certificate_listener() {
+  apt_install stunnel4
+  local wanted
+  wanted=$(cat <<CONF
+; written by mikkoo's scripts/services.sh: TLS in front of RabbitMQ, client
+; certificates required
+pid = $STUNNEL_PID
+output = $STUNNEL_LOG
+[amqps-client-certificate-required]
+accept = 127.0.0.1:$CLIENT_CERT_PORT
+connect = 127.0.0.1:5672
+cert = $TLS_DIR/server.pem
+key = $TLS_DIR/server.key
+CAfile = $TLS_DIR/ca.pem
+verifyChain = yes
+requireCert = yes
+CONF
+)
+  if [ "$(cat "$STUNNEL_CONF" 2>/dev/null)" != "$wanted" ] || [ "$CERTIFICATES_CHANGED" = 1 ]; then
+    printf '%s\n' "$wanted" >"$STUNNEL_CONF"
+    if stunnel_up; then
+      log "restarting the client-certificate TLS listener"
+      kill "$(cat "$STUNNEL_PID")"
+      wait_for 20 "the old stunnel to stop" stunnel_down
+    fi
+  fi
+  if ! stunnel_up; then
+    log "starting the client-certificate TLS listener on 127.0.0.1:$CLIENT_CERT_PORT"
+    rm -f "$STUNNEL_PID"
+    stunnel "$STUNNEL_CONF"
+    wait_for 20 "stunnel" stunnel_up
+  fi
+  wait_for 20 "the TLS listener on 127.0.0.1:$CLIENT_CERT_PORT" tcp_open "$CLIENT_CERT_PORT"
+}
+
 configure_postgres_tls() {
   local conf=/etc/postgresql/$PG_VERSION/main/conf.d/mikkoo-ssl.conf
   if [ -f "$conf" ]; then
@@ -253,4 +303,5 @@ configure_postgres_tls
 start_postgres
 start_pgqd
 start_rabbitmq
-log "ready: PostgreSQL on 127.0.0.1:$PG_PORT (pgq), pgqd, RabbitMQ on 127.0.0.1:5672"
+start_client_certificate_listener
+log "ready: PostgreSQL on 127.0.0.1:$PG_PORT (pgq), pgqd, RabbitMQ on 127.0.0.1:5672 (TLS: 5671, client certificates required: $CLIENT_CERT_PORT)"

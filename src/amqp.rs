@@ -467,6 +467,10 @@ fn describe_connect_error(error: &lapin::Error) -> String {
             "{text} (TLS: the broker's certificate is not trusted or does not name this host; check \
              ssl_options.ca_certs / ca_path / ca_data and server_name, or set verify: false)"
         ),
+        // TLS 1.3's alert for a missing client certificate (the broker asked for one).
+        _ if text.contains("alert certificate required") => format!(
+            "{text} (TLS: the broker requires a client certificate; set ssl_options.certfile and keyfile)"
+        ),
         _ if text.contains("SSL routines") => format!("{text} (TLS handshake failed; check ssl_options)"),
         _ => text,
     }

@@ -5,7 +5,9 @@
 //! and must be writable, the user and group must exist. The pidfile is created and
 //! locked before detaching (the lock passes to the daemon), the process id is written
 //! after, privileges are dropped last (supplementary groups, then group, then user).
-//! [`Pidfile`] removes the file when dropped at exit.
+//! [`Pidfile`] removes the file when dropped at exit; when the dropped-to user may not
+//! remove it (a root-owned directory such as `/run`), it empties the file through the
+//! descriptor it opened as root, so the file no longer names a process.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -54,12 +56,25 @@ pub enum DaemonError {
 #[derive(Debug)]
 pub struct Pidfile {
     path: PathBuf,
-    _lock: Flock<File>,
+    locked_file: Flock<File>,
 }
 
 impl Drop for Pidfile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let Err(remove_error) = std::fs::remove_file(&self.path) else {
+            return;
+        };
+        let file: &mut File = &mut self.locked_file;
+        match file.set_len(0) {
+            Ok(()) => tracing::info!(
+                pidfile = %self.path.display(),
+                "pidfile emptied, not removed ({remove_error}); give the daemon's user write access to its directory to have it removed"
+            ),
+            Err(truncate_error) => tracing::warn!(
+                pidfile = %self.path.display(),
+                "pidfile left behind: cannot remove it ({remove_error}) nor empty it ({truncate_error})"
+            ),
+        }
     }
 }
 
@@ -161,7 +176,7 @@ fn write_pid(mut lock: Flock<File>, path: &Path) -> Result<Pidfile, DaemonError>
     file.sync_all().map_err(pidfile_error)?;
     Ok(Pidfile {
         path: path.to_owned(),
-        _lock: lock,
+        locked_file: lock,
     })
 }
 
@@ -175,6 +190,8 @@ fn drop_privileges(identity: &Identity) -> Result<(), DaemonError> {
         what: what.to_owned(),
         reason: e.to_string(),
     };
+    // Supplementary groups first, while still root: the user's own (initgroups), or,
+    // with only a group configured, just that group, so root's do not linger.
     if let Some(user) = &identity.user {
         let name = CString::new(user.name.as_str()).map_err(|e| DaemonError::Identity {
             what: format!("user {}", user.name),
@@ -182,6 +199,9 @@ fn drop_privileges(identity: &Identity) -> Result<(), DaemonError> {
         })?;
         nix::unistd::initgroups(&name, gid.unwrap_or(user.gid))
             .map_err(|e| identity_error(&format!("user {} (supplementary groups)", user.name), e))?;
+    } else if let Some(gid) = gid {
+        nix::unistd::setgroups(&[gid])
+            .map_err(|e| identity_error("the configured group (supplementary groups)", e))?;
     }
     if let Some(gid) = gid {
         nix::unistd::setgid(gid).map_err(|e| identity_error("the configured group", e))?;

@@ -1,6 +1,7 @@
 //! Operations (SPEC §1, §3.5–3.6, §5.4, §7): metrics, health, statsd, status, logging,
 //! reload, daemon mode, Sentry, the built-in ticker.
 
+use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -388,30 +389,29 @@ async fn logging_section_handlers_write_to_a_file_and_to_syslog() {
     assert!(written.contains("connected to rabbitmq"), "{written}");
 }
 
-#[tokio::test]
-async fn daemon_mode_writes_the_pidfile_refuses_a_live_one_and_removes_it() {
-    let queue = PgQueue::create("ops_daemon").await;
-    let dir = tempfile::tempdir().unwrap();
-    let pidfile = dir.path().join("mikkoo.pid");
-    let logfile = dir.path().join("mikkoo.log");
-    let config = format!(
-        "{}Daemon:\n  pidfile: {}\nLogging:\n  handlers:\n    file: {{class: logging.FileHandler, filename: {}}}\n  \
+/// A configuration that detaches, with a pidfile and a log file in `dir`.
+fn daemon_config(queue: &str, dir: &Path, daemon_extra: &str) -> String {
+    format!(
+        "{}Daemon:\n  pidfile: {}\n{daemon_extra}Logging:\n  handlers:\n    file: {{class: logging.FileHandler, filename: {}}}\n  \
          root: {{level: INFO, handlers: [file]}}\n",
-        config_yaml(&[worker_yaml(&queue.name, "")]),
-        pidfile.display(),
-        logfile.display()
-    );
-    let (_config_dir, path) = write_config(&config);
-    let path = path.to_str().unwrap().to_owned();
-    let launch = {
-        let path = path.clone();
-        move || run_cli(&["-c", &path])
-    };
-    let (status, _, stderr) = tokio::task::spawn_blocking(launch.clone()).await.unwrap();
+        config_yaml(&[worker_yaml(queue, "")]),
+        dir.join("mikkoo.pid").display(),
+        dir.join("mikkoo.log").display()
+    )
+}
+
+/// Launches `mikkoo -c config_path` (no `-f`), asserts the launching process exits 0,
+/// and returns the daemon's pid once its pidfile names it and it has connected.
+async fn launch_daemon(config_path: &Path, dir: &Path) -> nix::unistd::Pid {
+    let path = config_path.to_str().unwrap().to_owned();
+    let (status, _, stderr) = tokio::task::spawn_blocking(move || run_cli(&["-c", &path]))
+        .await
+        .unwrap();
     assert!(
         status.success(),
         "the launching process exits 0 once the daemon runs: {stderr}"
     );
+    let pidfile = dir.join("mikkoo.pid");
     let pid: i32 = eventually("the pidfile", || async {
         std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
     })
@@ -422,14 +422,28 @@ async fn daemon_mode_writes_the_pidfile_refuses_a_live_one_and_removes_it() {
         "the pidfile names a live process"
     );
     eventually("the daemon to connect", || async {
-        std::fs::read_to_string(&logfile)
+        std::fs::read_to_string(dir.join("mikkoo.log"))
             .ok()?
             .contains("connected to rabbitmq")
             .then_some(())
     })
     .await;
+    daemon
+}
 
-    let (status, _, stderr) = tokio::task::spawn_blocking(launch).await.unwrap();
+fn is_running(pid: nix::unistd::Pid) -> bool {
+    nix::sys::signal::kill(pid, None).is_ok()
+}
+
+#[tokio::test]
+async fn daemon_mode_writes_the_pidfile_refuses_a_live_one_and_removes_it() {
+    let queue = PgQueue::create("ops_daemon").await;
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("mikkoo.pid");
+    let (_config_dir, path) = write_config(&daemon_config(&queue.name, dir.path(), ""));
+    let daemon = launch_daemon(&path, dir.path()).await;
+
+    let (status, _, stderr) = run_cli(&["-c", path.to_str().unwrap()]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("names running process") || stderr.contains("already running"),
@@ -438,9 +452,65 @@ async fn daemon_mode_writes_the_pidfile_refuses_a_live_one_and_removes_it() {
 
     nix::sys::signal::kill(daemon, Signal::SIGTERM).unwrap();
     eventually("the daemon to exit and remove its pidfile", || async {
-        (!pidfile.exists() && nix::sys::signal::kill(daemon, None).is_err()).then_some(())
+        (!pidfile.exists() && !is_running(daemon)).then_some(())
     })
     .await;
+}
+
+/// The `Uid:`, `Gid:` or `Groups:` line of a process's `/proc` status, without its name.
+fn proc_status_line(pid: nix::unistd::Pid, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in {status}"));
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[tokio::test]
+async fn daemon_mode_drops_to_the_configured_user_and_its_groups_and_still_relays() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "dropping privileges needs the tests to run as root, as scripts/test does"
+    );
+    let mut queue = PgQueue::create("ops_daemon_user").await;
+    let mut sink = Sink::topic("ops_daemon_user").await;
+    // The directory stays root's (0700): the daemon, once `nobody`, cannot remove its
+    // pidfile and must empty it instead.
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("mikkoo.pid");
+    let config = daemon_config(&queue.name, dir.path(), "  user: nobody\n  group: nogroup\n");
+    let (_config_dir, path) = write_config(&config);
+    let daemon = launch_daemon(&path, dir.path()).await;
+
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+    let nogroup = nix::unistd::Group::from_name("nogroup").unwrap().unwrap().gid;
+    assert_eq!(
+        proc_status_line(daemon, "Uid"),
+        vec![nobody.to_string(); 4].join(" ")
+    );
+    assert_eq!(
+        proc_status_line(daemon, "Gid"),
+        vec![nogroup.to_string(); 4].join(" ")
+    );
+    assert_eq!(
+        proc_status_line(daemon, "Groups"),
+        nogroup.to_string(),
+        "root's supplementary groups are gone"
+    );
+    queue
+        .insert_batch(&[NewEvent::to(&sink.exchange, "k", "as-nobody")])
+        .await;
+    assert_eq!(body(&sink.take(1).await[0]), "as-nobody");
+
+    nix::sys::signal::kill(daemon, Signal::SIGTERM).unwrap();
+    eventually("the daemon to exit and empty its pidfile", || async {
+        let left = std::fs::read_to_string(&pidfile).ok()?;
+        (left.is_empty() && !is_running(daemon)).then_some(())
+    })
+    .await;
+    let log = std::fs::read_to_string(dir.path().join("mikkoo.log")).unwrap();
+    assert!(log.contains("pidfile emptied, not removed"), "{log}");
 }
 
 /// A minimal HTTP endpoint that answers 200 and keeps what it was sent.

@@ -1,7 +1,9 @@
 //! TLS to RabbitMQ and PostgreSQL, verified by default, and secrets that never show
 //! (SPEC §3.3–3.4). `scripts/services.sh` made the throw-away CA and certificates in
-//! `/var/lib/mikkoo-test-tls`: RabbitMQ listens with TLS on 127.0.0.1:5671 and
-//! PostgreSQL serves the test CA's certificate; both certificates name only `localhost`.
+//! `/var/lib/mikkoo-test-tls`: RabbitMQ listens with TLS on 127.0.0.1:5671 (client
+//! certificates verified when presented), stunnel on 127.0.0.1:5673 requires client
+//! certificates and forwards to RabbitMQ, and PostgreSQL serves the test CA's
+//! certificate; both server certificates name only `localhost`.
 
 use std::process::Command;
 
@@ -10,13 +12,30 @@ use crate::support::*;
 const TLS: &str = "/var/lib/mikkoo-test-tls";
 const KEY_PASSWORD: &str = "k3y-pass-9f2c";
 
+/// RabbitMQ's own TLS listener: it verifies client certificates when presented.
+const TLS_PORT: u16 = 5671;
+/// The listener that requires client certificates signed by the test CA (stunnel in
+/// front of RabbitMQ: RabbitMQ applies one set of TLS options to all its listeners).
+const CLIENT_CERT_REQUIRED_PORT: u16 = 5673;
+
 /// A worker that reaches RabbitMQ over TLS with `ssl_options` (YAML flow mapping body)
 /// at `host`.
 fn tls_worker(queue: &str, host: &str, ssl_options: &str) -> String {
+    tls_worker_at(queue, host, TLS_PORT, ssl_options)
+}
+
+fn tls_worker_at(queue: &str, host: &str, port: u16, ssl_options: &str) -> String {
     worker_yaml_via(
         queue,
         "",
-        &format!("host: {host}, port: 5671, ssl_options: {{{ssl_options}}}"),
+        &format!("host: {host}, port: {port}, ssl_options: {{{ssl_options}}}"),
+    )
+}
+
+/// `ssl_options` with the test CA and the client certificate with its encrypted key.
+fn client_certificate_options() -> String {
+    format!(
+        "ca_certs: {TLS}/ca.pem, certfile: {TLS}/client.pem, keyfile: {TLS}/client-encrypted.key, password: {KEY_PASSWORD}"
     )
 }
 
@@ -57,9 +76,7 @@ async fn relays_over_tls_with_a_ca_file_a_ca_directory_and_ca_data() {
 async fn mutual_tls_with_an_encrypted_key_presents_the_client_certificate() {
     let mut queue = PgQueue::create("tls_mutual").await;
     let mut sink = Sink::topic("tls_mutual").await;
-    let options = format!(
-        "ca_certs: {TLS}/ca.pem, certfile: {TLS}/client.pem, keyfile: {TLS}/client-encrypted.key, password: {KEY_PASSWORD}"
-    );
+    let options = client_certificate_options();
     let mut relay = Relay::start(&config_yaml(&[tls_worker(&queue.name, "localhost", &options)]));
     queue
         .insert_batch(&[NewEvent::to(&sink.exchange, "k", "mutual")])
@@ -95,6 +112,39 @@ async fn mutual_tls_with_an_encrypted_key_presents_the_client_certificate() {
         output.contains("cannot load keyfile") && output.contains("wrong password?"),
         "{output}"
     );
+}
+
+#[tokio::test]
+async fn a_listener_that_requires_client_certificates_gets_one_and_refuses_clearly_without() {
+    let mut queue = PgQueue::create("tls_required").await;
+    let mut sink = Sink::topic("tls_required").await;
+    let without_certificate = format!("ca_certs: {TLS}/ca.pem");
+    let (status, output) = check_connect(&config_yaml(&[tls_worker_at(
+        &queue.name,
+        "localhost",
+        CLIENT_CERT_REQUIRED_PORT,
+        &without_certificate,
+    )]));
+    assert_eq!(status.code(), Some(1), "{output}");
+    assert!(
+        output.contains(&format!(
+            "RabbitMQ at localhost:{CLIENT_CERT_REQUIRED_PORT} FAILED"
+        )) && output
+            .contains("the broker requires a client certificate; set ssl_options.certfile and keyfile"),
+        "{output}"
+    );
+
+    let mut relay = Relay::start(&config_yaml(&[tls_worker_at(
+        &queue.name,
+        "localhost",
+        CLIENT_CERT_REQUIRED_PORT,
+        &client_certificate_options(),
+    )]));
+    queue
+        .insert_batch(&[NewEvent::to(&sink.exchange, "k", "certificate-required")])
+        .await;
+    assert_eq!(body(&sink.take(1).await[0]), "certificate-required");
+    assert!(relay.stop().await.success());
 }
 
 #[tokio::test]
