@@ -21,6 +21,7 @@
 //! - [`deadletter`]: the `mikkoo.dead_letter` table; listing and replaying it.
 //! - [`audit`]: `mikkoo.audit`: confirmed by the relay, received by `audit consume`, reported.
 //! - [`error`]: connection-ending failures and which link to reopen.
+//! - [`backoff`]: exponential backoff with jitter for every retry of a server.
 //! - [`stats`]: per-worker counters, gauges, histograms, readiness; the registry.
 //! - [`metrics`]: metric names; Prometheus text and statsd lines.
 //! - [`http`]: `/metrics`, `/livez`, `/readyz`, `/status`.
@@ -38,6 +39,7 @@
 pub mod amqp;
 pub mod app;
 pub mod audit;
+pub mod backoff;
 pub mod check;
 pub mod cli;
 pub mod commands;

@@ -1,11 +1,13 @@
 //! One worker per configured queue, and one built-in ticker per database when asked:
-//! starting them, restarting a worker that panicked, applying a reloaded configuration,
-//! and the ordered shutdown. It keeps the [`Registry`] of running workers current.
+//! starting them, restarting a worker that panicked (with backoff), applying a reloaded
+//! configuration, and the ordered shutdown. It keeps the [`Registry`] of running workers current.
 //!
 //! Workers are independent tasks; the supervisor never waits on one to serve another.
 //! On reload, workers whose settings did not change are left untouched; removed ones are
 //! stopped gracefully; changed ones are stopped gracefully and started again once the old
-//! one has finished, so two workers of one queue never run in one process.
+//! one has finished, so two workers of one queue never run in one process. A restart is
+//! not a stop for good: `unregister: true` does not apply to it (see [`StopSignal`]).
+//! `poll_interval` changes reach running workers without a restart.
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -13,21 +15,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::config::{Config, TickerConfig, WorkerConfig};
 use crate::pgconn::PgTarget;
 use crate::stats::{Registry, WorkerStats};
-use crate::worker::Worker;
+use crate::worker::{StopSignal, Worker};
 
 /// A running worker.
 struct RunningWorker {
     /// The settings it runs with (compared on reload).
     config: Arc<WorkerConfig>,
-    /// Cancelled to ask it to stop between batches.
-    stop: CancellationToken,
+    /// Raised to ask it to stop between batches.
+    stop: StopSignal,
     /// The task running it (and restarting it after a panic).
     handle: JoinHandle<()>,
 }
@@ -48,13 +51,14 @@ pub struct Supervisor {
     registry: Arc<Registry>,
     /// Value of the `origin` header for every worker.
     origin: String,
-    poll_interval: Duration,
+    /// How often workers log a status line; running workers follow its changes.
+    poll_interval: watch::Sender<Duration>,
     /// Workers and tickers being stopped after a reload, awaited at shutdown.
     retiring: Vec<JoinHandle<()>>,
 }
 
-/// Delay before restarting a worker whose task panicked.
-const PANIC_RESTART_DELAY: Duration = Duration::from_secs(1);
+/// A worker that ran this long before panicking restarts after the shortest delay again.
+const PANIC_BACKOFF_RESET: Duration = Duration::from_secs(60);
 
 impl Supervisor {
     /// Starts a worker for every queue in `config` (and the tickers it asks for).
@@ -65,7 +69,7 @@ impl Supervisor {
             ticker_config: config.application.ticker.clone(),
             registry,
             origin,
-            poll_interval: config.application.poll_interval,
+            poll_interval: watch::Sender::new(config.application.poll_interval),
             retiring: Vec::new(),
         };
         for worker in config.application.workers.values() {
@@ -81,13 +85,13 @@ impl Supervisor {
     /// Starts a worker; when `after` is given, only once it fires (the previous worker of
     /// the queue has stopped).
     fn spawn(&mut self, config: Arc<WorkerConfig>, after: Option<oneshot::Receiver<()>>) {
-        let stop = CancellationToken::new();
+        let stop = StopSignal::new();
         let stats = WorkerStats::new(&config.queue, config.wait_duration);
         self.registry.insert(Arc::clone(&stats));
         let handle = tokio::spawn(keep_running(
             Arc::clone(&config),
             self.origin.clone(),
-            self.poll_interval,
+            self.poll_interval.subscribe(),
             stats,
             stop.clone(),
             after,
@@ -105,7 +109,7 @@ impl Supervisor {
     /// Applies a reloaded configuration: new queues start, removed ones stop, changed
     /// ones restart, the rest are untouched; tickers follow the databases.
     pub fn apply(&mut self, config: &Config) {
-        self.poll_interval = config.application.poll_interval;
+        self.poll_interval.send_replace(config.application.poll_interval);
         let wanted = &config.application.workers;
         let removed: Vec<String> = self
             .workers
@@ -115,7 +119,7 @@ impl Supervisor {
             .collect();
         for queue in removed {
             tracing::info!(queue = %queue, "queue removed from the configuration; stopping its worker");
-            self.retire(&queue);
+            self.retire(&queue, Retirement::ForGood);
             self.registry.remove(&queue);
         }
         for (queue, settings) in wanted {
@@ -123,7 +127,7 @@ impl Supervisor {
                 Some(running) if *running.config == *settings => {}
                 Some(_) => {
                     tracing::info!(queue = %queue, "worker settings changed; restarting it");
-                    let stopped = self.retire(queue);
+                    let stopped = self.retire(queue, Retirement::ForRestart);
                     self.spawn(Arc::new(settings.clone()), stopped);
                 }
                 None => self.spawn(Arc::new(settings.clone()), None),
@@ -134,9 +138,12 @@ impl Supervisor {
 
     /// Asks a worker to stop and lets it finish in the background; the receiver fires
     /// once it has.
-    fn retire(&mut self, queue: &str) -> Option<oneshot::Receiver<()>> {
+    fn retire(&mut self, queue: &str, retirement: Retirement) -> Option<oneshot::Receiver<()>> {
         let worker = self.workers.remove(queue)?;
-        worker.stop.cancel();
+        match retirement {
+            Retirement::ForGood => worker.stop.stop(),
+            Retirement::ForRestart => worker.stop.stop_for_restart(),
+        }
         let (stopped_tx, stopped_rx) = oneshot::channel();
         self.retiring.push(tokio::spawn(async move {
             stop_within(
@@ -189,7 +196,7 @@ impl Supervisor {
     pub async fn shutdown(mut self) {
         let queues: Vec<String> = self.workers.keys().cloned().collect();
         for queue in queues {
-            self.retire(&queue);
+            self.retire(&queue, Retirement::ForGood);
         }
         for (_, ticker) in std::mem::take(&mut self.tickers) {
             ticker.stop.cancel();
@@ -201,35 +208,50 @@ impl Supervisor {
     }
 }
 
-/// Runs a worker, starting it again if it panics, until it is stopped.
+/// Why a worker is stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retirement {
+    /// Shutdown, or its queue left the configuration.
+    ForGood,
+    /// Its settings changed: a new worker takes over once it has stopped.
+    ForRestart,
+}
+
+/// Runs a worker, starting it again (with backoff) if it panics, until it is stopped.
 async fn keep_running(
     config: Arc<WorkerConfig>,
     origin: String,
-    poll_interval: Duration,
+    poll_interval: watch::Receiver<Duration>,
     stats: Arc<WorkerStats>,
-    stop: CancellationToken,
+    stop: StopSignal,
     after: Option<oneshot::Receiver<()>>,
 ) {
     if let Some(previous_stopped) = after {
         let _ = previous_stopped.await;
     }
+    let mut backoff = Backoff::default();
     loop {
         let worker = Worker::new(
             Arc::clone(&config),
             origin.clone(),
-            poll_interval,
+            poll_interval.clone(),
             Arc::clone(&stats),
             stop.clone(),
         );
+        let started = tokio::time::Instant::now();
         // Caught here rather than in a separate task, so that aborting this task (at the
         // end of shutdown_timeout) drops the worker and its connections with it.
-        match AssertUnwindSafe(worker.run()).catch_unwind().await {
-            Ok(()) => return,
-            Err(_) => tracing::error!(queue = %config.queue, "worker panicked; restarting it"),
+        if AssertUnwindSafe(worker.run()).catch_unwind().await.is_ok() {
+            return;
         }
+        if started.elapsed() >= PANIC_BACKOFF_RESET {
+            backoff.reset();
+        }
+        let delay = backoff.next();
+        tracing::error!(queue = %config.queue, retry_in = ?delay, "worker panicked; restarting it");
         tokio::select! {
-            _ = tokio::time::sleep(PANIC_RESTART_DELAY) => {}
-            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.requested() => return,
         }
     }
 }

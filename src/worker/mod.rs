@@ -7,23 +7,26 @@
 //! exponential backoff; the other is kept, and so is what was already confirmed of the
 //! open batch (`progress`), so nothing confirmed is published twice.
 //!
-//! Stopping is checked only between batches and while sleeping: a batch that has
-//! started is settled and finished first. The supervisor bounds that with
+//! Stopping is checked between batches, while sleeping, and after connecting (so a stop
+//! asked for while connecting takes no new batch): a batch that has started is settled
+//! and finished first. The supervisor bounds that with
 //! `shutdown_timeout`; if it has to abort the task, the batch's transaction rolls back
 //! and PgQ hands the batch out again later.
 
 mod batch;
 mod progress;
 mod settle;
+mod stop;
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lapin::types::{LongString, ShortString};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
 
 use crate::amqp::Broker;
+use crate::backoff::Backoff;
 use crate::config::{DeadLetterTarget, MessageIdMode, WorkerConfig};
 use crate::deadletter;
 use crate::error::{Link, WorkerError};
@@ -32,18 +35,19 @@ use crate::pgq::PgqSession;
 use crate::stats::{WorkerState, WorkerStats};
 
 pub use progress::EvIdSet;
+pub use stop::StopSignal;
 
 /// A worker and what it needs to run.
 pub struct Worker {
     config: Arc<WorkerConfig>,
     /// Value of the `origin` header.
     origin: String,
-    /// How often to log a status line.
-    poll_interval: Duration,
+    /// How often to log a status line (follows reloads).
+    poll_interval: watch::Receiver<Duration>,
     /// Shared with whoever reports on the worker.
     stats: Arc<WorkerStats>,
-    /// Cancelled to ask the worker to stop at its next safe point.
-    stop: CancellationToken,
+    /// Raised to ask the worker to stop at its next safe point.
+    stop: StopSignal,
 }
 
 /// The PostgreSQL side, once connected.
@@ -80,6 +84,8 @@ enum Turn {
     Idle,
     /// Another instance is active.
     Standby,
+    /// A stop was asked for while connecting: no new batch is taken.
+    Stopping,
 }
 
 impl Worker {
@@ -87,9 +93,9 @@ impl Worker {
     pub fn new(
         config: Arc<WorkerConfig>,
         origin: String,
-        poll_interval: Duration,
+        poll_interval: watch::Receiver<Duration>,
         stats: Arc<WorkerStats>,
-        stop: CancellationToken,
+        stop: StopSignal,
     ) -> Worker {
         Worker {
             config,
@@ -106,7 +112,7 @@ impl Worker {
         let mut links = Links::default();
         let mut backoff = Backoff::default();
         let mut last_status = Instant::now();
-        while !self.stop.is_cancelled() {
+        while !self.stop.is_requested() {
             let pause = match self.turn(&mut links).await {
                 Ok(Turn::Relayed) => {
                     backoff.reset();
@@ -123,6 +129,7 @@ impl Worker {
                     self.stats.set_state(WorkerState::Standby);
                     Some(self.config.wait_duration)
                 }
+                Ok(Turn::Stopping) => None,
                 Err(error) => {
                     let delay = backoff.next();
                     self.drop_broken_link(&mut links, error.broken_link()).await;
@@ -132,14 +139,14 @@ impl Worker {
                     Some(delay)
                 }
             };
-            if last_status.elapsed() >= self.poll_interval {
+            if last_status.elapsed() >= *self.poll_interval.borrow() {
                 last_status = Instant::now();
                 self.log_status(links.pg.as_ref()).await;
             }
             if let Some(pause) = pause {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = self.stop.cancelled() => {}
+                    _ = self.stop.requested() => {}
                 }
             }
         }
@@ -169,6 +176,10 @@ impl Worker {
             return Ok(Turn::Standby);
         };
         let broker = self.broker(&mut links.broker).await?;
+        // Connecting can take a while; a stop asked for meanwhile takes no new batch.
+        if self.stop.is_requested() {
+            return Ok(Turn::Stopping);
+        }
 
         let batch = match link.session.next_batch(&self.config.batch_window).await {
             Err(error) if error.is_not_subscribed() => {
@@ -363,14 +374,7 @@ impl Worker {
             && let Some(link) = &links.pg
             && link.active
         {
-            match link.session.unregister_consumer().await {
-                Ok(()) => {
-                    tracing::warn!(queue = %self.config.queue, consumer = %self.config.consumer_name, "unregistered pgq consumer (unregister: true)")
-                }
-                Err(error) => {
-                    tracing::error!(queue = %self.config.queue, %error, "could not unregister the pgq consumer")
-                }
-            }
+            self.unregister(&link.session).await;
         }
         if let Some(broker) = links.broker {
             broker.close().await;
@@ -378,45 +382,20 @@ impl Worker {
         }
         tracing::info!(queue = %self.config.queue, "worker stopped");
     }
-}
 
-/// Exponential backoff: 100 ms doubling to 30 s, each delay drawn from its upper half so
-/// many workers failing together do not reconnect in lockstep.
-#[derive(Debug, Default)]
-struct Backoff {
-    failures: u32,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn next(&mut self) -> Duration {
-        let ceiling = Self::FIRST
-            .saturating_mul(2u32.saturating_pow(self.failures))
-            .min(Self::MAX);
-        self.failures = self.failures.saturating_add(1);
-        let jitter: f64 = rand::random_range(0.5..=1.0);
-        ceiling.mul_f64(jitter)
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_thirty_seconds_with_jitter() {
-        let mut backoff = Backoff::default();
-        let delays: Vec<Duration> = (0..12).map(|_| backoff.next()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
-        assert!(delays[3] >= Duration::from_millis(400) && delays[3] <= Duration::from_millis(800));
-        assert!(delays[11] >= Duration::from_secs(15) && delays[11] <= Duration::from_secs(30));
-        backoff.reset();
-        assert!(backoff.next() <= Duration::from_millis(100));
+    /// `unregister: true` at a stop for good; a restart with new settings keeps the
+    /// consumer, so no event inserted meanwhile is lost to it.
+    async fn unregister(&self, session: &PgqSession) {
+        let (queue, consumer) = (&self.config.queue, &self.config.consumer_name);
+        if !self.stop.is_final() {
+            tracing::info!(queue = %queue, consumer = %consumer, "restarting with new settings; the pgq consumer stays registered");
+            return;
+        }
+        match session.unregister_consumer().await {
+            Ok(()) => {
+                tracing::warn!(queue = %queue, consumer = %consumer, "unregistered pgq consumer (unregister: true)")
+            }
+            Err(error) => tracing::error!(queue = %queue, %error, "could not unregister the pgq consumer"),
+        }
     }
 }

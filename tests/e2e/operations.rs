@@ -287,6 +287,61 @@ async fn sighup_adds_removes_and_changes_workers_and_refuses_a_bad_file() {
     assert!(relay.stop().await.success());
 }
 
+/// The consumer's subscription row id: registering again after an unregister makes a
+/// new one.
+async fn subscription_id(queue: &PgQueue) -> Option<i32> {
+    let row = queue
+        .client
+        .query_opt(
+            "SELECT s.sub_id FROM pgq.subscription s JOIN pgq.queue q ON q.queue_id = s.sub_queue \
+             JOIN pgq.consumer c ON c.co_id = s.sub_consumer WHERE q.queue_name = $1 AND c.co_name = $2",
+            &[&queue.name, &queue.consumer],
+        )
+        .await
+        .unwrap();
+    row.map(|row| row.get(0))
+}
+
+#[tokio::test]
+async fn sighup_restarting_a_worker_with_unregister_true_keeps_its_consumer_registered() {
+    let mut queue = PgQueue::create("ops_hup_unreg").await;
+    let mut sink = Sink::topic("ops_hup_unreg").await;
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "unregister: true")]));
+    queue
+        .insert_batch(&[NewEvent::to(&sink.exchange, "k", "before")])
+        .await;
+    assert_eq!(body(&sink.take(1).await[0]), "before");
+    let registered = subscription_id(&queue).await.expect("registered");
+
+    let changed = config_yaml(&[worker_yaml(&queue.name, "unregister: true\napp_id: changed-app")]);
+    std::fs::write(&relay.config_path, &changed).unwrap();
+    relay.signal(Signal::SIGHUP);
+    relay.wait_for_log("worker settings changed; restarting it").await;
+    queue
+        .insert_batch(&[NewEvent::to(&sink.exchange, "k", "after")])
+        .await;
+    let delivery = sink.take(1).await.remove(0);
+    assert_eq!(body(&delivery), "after");
+    assert_eq!(
+        delivery.properties.app_id().as_ref().map(|a| a.as_str()),
+        Some("changed-app"),
+        "the restarted worker relayed it"
+    );
+    assert_eq!(
+        subscription_id(&queue).await,
+        Some(registered),
+        "the consumer was never unregistered, so PgQ kept every event for it"
+    );
+    let log = relay.log();
+    assert!(
+        log.contains("the pgq consumer stays registered") && !log.contains("unregistered pgq consumer"),
+        "{log}"
+    );
+
+    assert!(relay.stop().await.success());
+    assert!(!queue.is_registered().await, "a stop for good still unregisters");
+}
+
 #[tokio::test]
 async fn sighup_applies_log_level_changes() {
     let queue = PgQueue::create("ops_hup_levels").await;

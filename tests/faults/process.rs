@@ -158,3 +158,69 @@ async fn unregister_false_keeps_the_consumer() {
     assert!(relay.stop().await.success());
     assert!(queue.is_registered().await);
 }
+
+/// A loopback port in front of RabbitMQ that accepts connections at once but forwards
+/// nothing until opened, so the relay's AMQP handshake waits meanwhile.
+struct Gate {
+    port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+    accepted: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl Gate {
+    async fn closed() -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (open, opened) = tokio::sync::watch::channel(false);
+        let (accepted_tx, accepted) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let _ = accepted_tx.send(());
+                let mut opened = opened.clone();
+                tokio::spawn(async move {
+                    let _ = opened.wait_for(|open| *open).await;
+                    if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5672").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        });
+        Gate { port, open, accepted }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_while_connecting_takes_no_new_batch() {
+    let _servers = shared().await;
+    let mut queue = PgQueue::create("proc_connecting").await;
+    let mut sink = Sink::topic("proc_connecting").await;
+    queue
+        .insert_batch(&[NewEvent::to(&sink.exchange, "k", "waiting")])
+        .await;
+    let mut gate = Gate::closed().await;
+    let via_gate = format!("host: 127.0.0.1, port: {}, connect_timeout: 60", gate.port);
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml_via(&queue.name, "", &via_gate)]));
+    relay.wait_for_log("connected to postgresql").await;
+    tokio::time::timeout(DEADLINE, gate.accepted.recv())
+        .await
+        .expect("the relay reaches the gate");
+    relay.signal(Signal::SIGTERM);
+    relay.wait_for_log("SIGTERM: stopping gracefully").await;
+    gate.open.send_replace(true);
+    let status = tokio::time::timeout(DEADLINE, relay.wait_exit())
+        .await
+        .expect("the relay stops");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        relay.log().contains("connected to rabbitmq"),
+        "the handshake completed after the stop was asked for: {}",
+        relay.log()
+    );
+    assert!(sink.drain_now().is_empty(), "a stopping worker took a batch");
+    assert_eq!(queue.open_batch().await, None, "no batch was opened");
+
+    // The event is still there for the next run.
+    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "")]));
+    assert_eq!(body(&sink.take(1).await[0]), "waiting");
+    assert!(relay.stop().await.success());
+}
