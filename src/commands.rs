@@ -250,8 +250,24 @@ fn stragglers_table(title: &str, rows: &[Straggler]) -> String {
     out
 }
 
+/// A worker whose PostgreSQL and RabbitMQ every configured worker uses, so that
+/// `audit consume` needs no `--worker` in the usual one-database, one-broker setup.
+fn shared_servers(config: &Config) -> Result<&WorkerConfig, CommandError> {
+    let mut workers = config.application.workers.values();
+    let first = workers
+        .next()
+        .ok_or_else(|| CommandError::Usage("no workers are configured".into()))?;
+    if workers.all(|other| other.postgres == first.postgres && other.rabbitmq == first.rabbitmq) {
+        Ok(first)
+    } else {
+        Err(CommandError::Usage(
+            "the workers use different servers; choose whose to use with --worker QUEUE".into(),
+        ))
+    }
+}
+
 /// `audit consume`: marks audit rows received as their messages arrive on `amqp_queue`,
-/// using the RabbitMQ and PostgreSQL of `worker_queue` (or of the only worker).
+/// using the RabbitMQ and PostgreSQL of `worker_queue`, or those every worker shares.
 pub async fn audit_consume(
     config: &Config,
     amqp_queue: &str,
@@ -261,19 +277,7 @@ pub async fn audit_consume(
 ) -> Result<Finished, CommandError> {
     let worker = match worker_queue {
         Some(queue) => worker(config, queue)?,
-        None => {
-            let mut workers = config.application.workers.values();
-            match (workers.next(), workers.next()) {
-                (Some(only), None) => only,
-                (None, _) => return Err(CommandError::Usage("no workers are configured".into())),
-                (Some(_), Some(_)) => {
-                    return Err(CommandError::Usage(
-                        "several workers are configured; choose whose servers to use with --worker QUEUE"
-                            .into(),
-                    ));
-                }
-            }
-        }
+        None => shared_servers(config)?,
     };
     let (client, _connection) = worker
         .postgres

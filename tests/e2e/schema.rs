@@ -304,7 +304,13 @@ async fn audited_events_are_confirmed_received_and_reported() {
     let mut sink = Sink::topic("audit_flow").await;
     let parked = parked_queue(&sink.exchange).await;
     let config = config_yaml(&[worker_yaml(&queue.name, "audit: true")]);
-    let (_dir, path) = write_config(&config);
+    // The operator's file has a second worker on the same servers: `audit consume`
+    // needs no --worker for that.
+    let other_queue = format!("{}_other", queue.name);
+    let (_dir, path) = write_config(&config_yaml(&[
+        worker_yaml(&queue.name, "audit: true"),
+        worker_yaml(&other_queue, ""),
+    ]));
     let path = path.to_str().unwrap().to_owned();
     let mut relay = Relay::start(&config);
     let mut ids = Vec::new();
@@ -397,6 +403,25 @@ async fn audited_events_are_confirmed_received_and_reported() {
         .unwrap()
         .get(0);
     assert_eq!(received, 3);
+
+    // Workers on different brokers: which one to consume from must be said.
+    let (_split_dir, split_path) = write_config(&config_yaml(&[
+        worker_yaml(&queue.name, "audit: true"),
+        worker_yaml_via(&other_queue, "", "host: localhost, port: 5672"),
+    ]));
+    let (status, _, stderr) = run_cli(&[
+        "audit",
+        "consume",
+        "-c",
+        split_path.to_str().unwrap(),
+        "--amqp-queue",
+        &parked,
+    ]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("choose whose to use with --worker QUEUE"),
+        "{stderr}"
+    );
 
     // An audited event no relay confirmed yet shows up as unconfirmed.
     queue
