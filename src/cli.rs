@@ -114,7 +114,7 @@ pub enum AuditAction {
         /// The RabbitMQ queue to consume
         #[arg(long, value_name = "NAME")]
         amqp_queue: String,
-        /// Whose RabbitMQ and PostgreSQL to use (needed with several workers)
+        /// Whose RabbitMQ and PostgreSQL to use (needed when workers use different servers)
         #[arg(long, value_name = "QUEUE")]
         worker: Option<String>,
         /// Stop after this many messages
