@@ -5,10 +5,12 @@
 # certificates.
 #
 # Idempotent: running it again on a machine where everything is up changes nothing.
-# Meant for a Debian 12 machine, run as root (as CI and the quick start do).
+# Meant for a Debian 12 machine, run as root (as CI and the quick start do). On other
+# Debian-based systems (Ubuntu) it uses the distribution's PostgreSQL version, or
+# $PG_VERSION when set.
 set -euo pipefail
 
-PG_VERSION=15
+PG_VERSION=${PG_VERSION:-}
 PG_PORT=5432
 PGQD_CONF=/etc/pgqd-mikkoo.ini
 PGQD_LOG=/var/log/postgresql/pgqd-mikkoo.log
@@ -40,6 +42,14 @@ need_root() {
 }
 
 apt_updated=0
+apt_refresh() {
+  if [ $apt_updated -eq 0 ]; then
+    log "apt-get update"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    apt_updated=1
+  fi
+}
+
 # Installs packages without letting their maintainer scripts start services (there may
 # be no init system, as in containers): this script starts what it needs itself.
 apt_install() {
@@ -48,11 +58,7 @@ apt_install() {
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  if [ $apt_updated -eq 0 ]; then
-    log "apt-get update"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    apt_updated=1
-  fi
+  apt_refresh
   log "installing ${missing[*]}"
   local policy=/usr/sbin/policy-rc.d added_policy=0
   if [ ! -e "$policy" ]; then
@@ -296,7 +302,22 @@ CONF
   fi
 }
 
+# PostgreSQL's major version: $PG_VERSION when set, else the cluster already on the
+# machine, else the distribution's default (15 on Debian 12, 16 on Ubuntu 24.04).
+choose_pg_version() {
+  [ -n "$PG_VERSION" ] && return 0
+  PG_VERSION=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)
+  [ -n "$PG_VERSION" ] && return 0
+  apt-cache show postgresql >/dev/null 2>&1 || apt_refresh
+  PG_VERSION=$(apt-cache depends postgresql 2>/dev/null | sed -n 's/^ *Depends: postgresql-\([0-9][0-9]*\)$/\1/p' | head -n 1)
+  if [ -z "$PG_VERSION" ]; then
+    log "cannot tell which PostgreSQL version to install; set PG_VERSION"
+    exit 1
+  fi
+}
+
 need_root
+choose_pg_version
 install_build_dependencies
 make_test_certificates
 configure_postgres_tls
@@ -304,4 +325,4 @@ start_postgres
 start_pgqd
 start_rabbitmq
 start_client_certificate_listener
-log "ready: PostgreSQL on 127.0.0.1:$PG_PORT (pgq), pgqd, RabbitMQ on 127.0.0.1:5672 (TLS: 5671, client certificates required: $CLIENT_CERT_PORT)"
+log "ready: PostgreSQL $PG_VERSION on 127.0.0.1:$PG_PORT (pgq), pgqd, RabbitMQ on 127.0.0.1:5672 (TLS: 5671, client certificates required: $CLIENT_CERT_PORT)"
