@@ -17,7 +17,7 @@ impl Backoff {
     pub const MAX: Duration = Duration::from_secs(30);
 
     /// The delay before the next attempt.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let ceiling = Self::FIRST
             .saturating_mul(2u32.saturating_pow(self.failures))
             .min(Self::MAX);
@@ -39,11 +39,11 @@ mod tests {
     #[test]
     fn backoff_doubles_to_thirty_seconds_with_jitter() {
         let mut backoff = Backoff::default();
-        let delays: Vec<Duration> = (0..12).map(|_| backoff.next()).collect();
+        let delays: Vec<Duration> = (0..12).map(|_| backoff.next_delay()).collect();
         assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
         assert!(delays[3] >= Duration::from_millis(400) && delays[3] <= Duration::from_millis(800));
         assert!(delays[11] >= Duration::from_secs(15) && delays[11] <= Duration::from_secs(30));
         backoff.reset();
-        assert!(backoff.next() <= Duration::from_millis(100));
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
     }
 }

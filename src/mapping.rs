@@ -18,7 +18,8 @@
 //!
 //! A JSON `null` for a recognised property in `ev_extra3` means "do not set it" (so a
 //! producer can remove an automatic property such as `app_id`); `"headers": null` means
-//! "no override", so `ev_extra4` applies.
+//! "no override", so `ev_extra4` applies. `ev_extra4` must be a JSON object (or NULL/empty)
+//! even when `ev_extra3.headers` replaces it.
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use lapin::BasicProperties;
@@ -155,6 +156,13 @@ pub fn build_message(event: &Event, defaults: &MessageDefaults) -> Result<Mapped
         }
     }
 
+    // Parsed even when ev_extra3.headers replaces it: a malformed ev_extra4 is a producer
+    // bug that must be rejected and seen, not hidden by the override (SPEC §2.4).
+    let extra4 = json_object(
+        event.ev_extra4.as_deref(),
+        "ev_extra4",
+        "a JSON object of headers",
+    )?;
     let mut headers = match header_override {
         Some(Value::Object(map)) => field_table(map, "ev_extra3.headers")?,
         Some(other) => {
@@ -163,11 +171,7 @@ pub fn build_message(event: &Event, defaults: &MessageDefaults) -> Result<Mapped
                 format!("headers must be a JSON object, found {}", json_kind(&other)),
             ));
         }
-        None => match json_object(
-            event.ev_extra4.as_deref(),
-            "ev_extra4",
-            "a JSON object of headers",
-        )? {
+        None => match extra4 {
             Some(map) => field_table(map, "ev_extra4")?,
             None => FieldTable::default(),
         },
@@ -244,8 +248,9 @@ fn unix_seconds(time: DateTime<Utc>) -> u64 {
     u64::try_from(time.timestamp()).unwrap_or(0)
 }
 
-/// Integers as the wire contract says: signed 32-bit when they fit, else signed 64-bit.
-fn integer_value(value: i64) -> AMQPValue {
+/// Integers as the wire contract says: signed 32-bit when they fit, else signed 64-bit
+/// (SPEC §2.3, §11). Shared with every other header mikkoo writes, dead letters included.
+pub fn integer_value(value: i64) -> AMQPValue {
     match i32::try_from(value) {
         Ok(small) => AMQPValue::LongInt(small),
         Err(_) => AMQPValue::LongLongInt(value),

@@ -6,7 +6,7 @@
 //! `<prefix>[.<host>].<queue>.counters.<name>`, `.gauges.<name>` and `.timers.<name>`.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crate::stats::{Counter, Histogram, HistogramSnapshot, WorkerStats};
@@ -248,6 +248,11 @@ fn write_histogram(out: &mut String, name: &str, queue: &str, snapshot: &Histogr
 /// What statsd was last sent for one worker, to send differences next time.
 #[derive(Clone, Debug, Default)]
 pub struct StatsdState {
+    /// The stats the figures below were read from. A worker restarted by a reload gets
+    /// new stats counting from zero; comparing them with the old figures would drop the
+    /// new worker's first counts. (A `Weak` keeps the old allocation, so its address
+    /// cannot be reused by the new stats and fool the comparison.)
+    source: Weak<WorkerStats>,
     counters: Vec<u64>,
     timers: Vec<(f64, u64)>,
 }
@@ -255,12 +260,15 @@ pub struct StatsdState {
 /// The statsd lines for one worker since `previous` (updated in place): counter
 /// deltas (only those that moved), every known gauge, and for each duration histogram
 /// the mean of the new observations as one timer line (never one line per event).
-pub fn statsd_lines(stats: &WorkerStats, scope: &str, previous: &mut StatsdState) -> Vec<String> {
+pub fn statsd_lines(stats: &Arc<WorkerStats>, scope: &str, previous: &mut StatsdState) -> Vec<String> {
+    if !std::ptr::eq(previous.source.as_ptr(), Arc::as_ptr(stats)) {
+        *previous = StatsdState::default();
+    }
     let mut lines = Vec::new();
     let counters: Vec<u64> = COUNTERS.iter().map(|c| (c.read)(stats).get()).collect();
     for (index, counter) in COUNTERS.iter().enumerate() {
         let before = previous.counters.get(index).copied().unwrap_or(0);
-        let delta = counters[index].saturating_sub(before);
+        let delta = counter_delta(counters[index], before);
         if delta > 0 {
             lines.push(format!("{scope}.counters.{}:{delta}|c", counter.name));
         }
@@ -273,9 +281,13 @@ pub fn statsd_lines(stats: &WorkerStats, scope: &str, previous: &mut StatsdState
     let mut timers = Vec::new();
     for (index, histogram) in HISTOGRAMS.iter().enumerate() {
         let snapshot = (histogram.read)(stats).snapshot();
-        let (sum_before, count_before) = previous.timers.get(index).copied().unwrap_or((0.0, 0));
+        let (mut sum_before, mut count_before) = previous.timers.get(index).copied().unwrap_or((0.0, 0));
+        if snapshot.count < count_before {
+            // Went backwards: everything observed is new (see `counter_delta`).
+            (sum_before, count_before) = (0.0, 0);
+        }
         timers.push((snapshot.sum, snapshot.count));
-        let new = snapshot.count.saturating_sub(count_before);
+        let new = snapshot.count - count_before;
         if let Some(timer) = histogram.timer
             && new > 0
         {
@@ -283,8 +295,18 @@ pub fn statsd_lines(stats: &WorkerStats, scope: &str, previous: &mut StatsdState
             lines.push(format!("{scope}.timers.{timer}:{mean_ms:.3}|ms"));
         }
     }
-    *previous = StatsdState { counters, timers };
+    *previous = StatsdState {
+        source: Arc::downgrade(stats),
+        counters,
+        timers,
+    };
     lines
+}
+
+/// How much a counter moved since `before`. A counter only goes backwards when it was
+/// started again from zero, so all of `now` is new (Prometheus reads resets the same way).
+fn counter_delta(now: u64, before: u64) -> u64 {
+    if now >= before { now - before } else { now }
 }
 
 /// How often statsd lines are sent.
@@ -354,6 +376,38 @@ mod tests {
             !lines.iter().any(|l| l.contains("timers")),
             "no new observations, no timer line"
         );
+    }
+
+    #[test]
+    fn a_counter_that_went_backwards_sends_its_new_value() {
+        assert_eq!(counter_delta(7, 5), 2);
+        assert_eq!(counter_delta(3, 5), 3);
+        assert_eq!(counter_delta(5, 5), 0);
+    }
+
+    #[test]
+    fn a_restarted_worker_counts_from_its_first_interval() {
+        let mut state = StatsdState::default();
+        let old = stats();
+        old.connections_opened.add(1);
+        statsd_lines(&old, "mikkoo.invoices", &mut state);
+
+        // A reload replaced the worker: new stats, counting again from zero, that have
+        // already passed or equalled the old figures.
+        let new = WorkerStats::new("invoices", Duration::from_secs(1));
+        new.processed.add(9);
+        new.returned.add(1);
+        new.connections_opened.add(1);
+        new.confirm_latency.observe(0.010);
+        let lines = statsd_lines(&new, "mikkoo.invoices", &mut state);
+        for line in [
+            "mikkoo.invoices.counters.processed:9|c",
+            "mikkoo.invoices.counters.amqp.message_returned:1|c",
+            "mikkoo.invoices.counters.amqp.connection_opened:1|c",
+            "mikkoo.invoices.timers.confirm_latency:10.000|ms",
+        ] {
+            assert!(lines.contains(&line.to_owned()), "missing {line:?} in {lines:?}");
+        }
     }
 
     #[test]

@@ -247,7 +247,7 @@ async fn keep_running(
         if started.elapsed() >= PANIC_BACKOFF_RESET {
             backoff.reset();
         }
-        let delay = backoff.next();
+        let delay = backoff.next_delay();
         tracing::error!(queue = %config.queue, retry_in = ?delay, "worker panicked; restarting it");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

@@ -7,12 +7,18 @@
 //! each in its own transaction as pgqd does. With several relays on one database only
 //! the one holding the ticker's advisory lock ticks; the others retry the lock every
 //! `period`.
+//!
+//! A database that cannot be reached is retried with [`Backoff`] (100 ms doubling to
+//! 30 s, with jitter), like the workers; an outage is logged once when it starts and
+//! once when the ticker is back, not at every attempt.
 
+use std::fmt;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::pgconn::PgTarget;
 
 /// Advisory lock key of the ticker (advisory locks are per database).
@@ -21,24 +27,65 @@ const TICKER_LOCK_KEY: i64 = 0x6d69_6b6b_6f6f_7469;
 /// How often the maintenance operations run (pgqd's default `maint_period`).
 const MAINTENANCE_PERIOD: Duration = Duration::from_secs(120);
 
-/// Upper bound on the wait before reconnecting after a failure.
-const MAX_RETRY: Duration = Duration::from_secs(30);
-
 /// Runs the ticker for the database of `target` until `stop`.
 pub async fn run(target: PgTarget, period: Duration, stop: CancellationToken) {
     let database = format!("{}/{}", target.host_port(), target.dbname());
-    let mut retry = period;
+    let mut outage = Outage::new(database.clone());
     while !stop.is_cancelled() {
-        let result = tick_while_connected(&target, period, &stop).await;
-        if let Err(error) = result {
-            tracing::error!(%database, %error, retry_in = ?retry, "pgq ticker failed; reconnecting");
-            retry = (retry * 2).min(MAX_RETRY);
-        } else {
-            retry = period;
-        }
+        let result = match target.connect("mikkoo ticker").await {
+            Ok((client, _connection)) => tick_while_connected(&client, &database, period, &stop, &mut outage)
+                .await
+                .map_err(|error| error.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        // `Ok` only comes back once `stop` is cancelled.
+        let Err(error) = result else { continue };
+        let retry_in = outage.failed(&error);
         tokio::select! {
-            _ = tokio::time::sleep(retry) => {}
+            _ = tokio::time::sleep(retry_in) => {}
             _ = stop.cancelled() => {}
+        }
+    }
+}
+
+/// The state of one ticker's connection: how long to wait before the next attempt,
+/// and whether the current outage was already reported.
+struct Outage {
+    database: String,
+    backoff: Backoff,
+    since: Option<Instant>,
+}
+
+impl Outage {
+    fn new(database: String) -> Self {
+        Outage {
+            database,
+            backoff: Backoff::default(),
+            since: None,
+        }
+    }
+
+    /// Notes a failed session or connection attempt; returns the wait before the next.
+    /// Only the first failure of an outage is an error line; the rest are debug lines.
+    fn failed(&mut self, error: &dyn fmt::Display) -> Duration {
+        let retry_in = self.backoff.next_delay();
+        let database = &self.database;
+        if self.since.is_some() {
+            tracing::debug!(%database, %error, ?retry_in, "pgq ticker still failing; retrying");
+        } else {
+            tracing::error!(%database, %error, "pgq ticker failed; reconnecting with backoff");
+            self.since = Some(Instant::now());
+        }
+        retry_in
+    }
+
+    /// Notes a session doing its work (a whole tick, or a standby's lock check), ending
+    /// an outage. Judged by the work, not by the connect: a database that accepts
+    /// connections but fails every tick (pgq missing) must still back off.
+    fn answered(&mut self) {
+        self.backoff.reset();
+        if let Some(since) = self.since.take() {
+            tracing::info!(database = %self.database, down_for = ?since.elapsed(), "pgq ticker reconnected");
         }
     }
 }
@@ -46,18 +93,12 @@ pub async fn run(target: PgTarget, period: Duration, stop: CancellationToken) {
 /// One session: take the lock (or wait for it), then tick until the session fails or
 /// `stop`.
 async fn tick_while_connected(
-    target: &PgTarget,
+    client: &Client,
+    database: &str,
     period: Duration,
     stop: &CancellationToken,
+    outage: &mut Outage,
 ) -> Result<(), tokio_postgres::Error> {
-    let database = format!("{}/{}", target.host_port(), target.dbname());
-    let (client, _connection) = match target.connect("mikkoo ticker").await {
-        Ok(connected) => connected,
-        Err(error) => {
-            tracing::error!(%database, %error, "pgq ticker cannot connect");
-            return Ok(());
-        }
-    };
     let mut announced_standby = false;
     loop {
         let locked: bool = client
@@ -67,6 +108,7 @@ async fn tick_while_connected(
         if locked {
             break;
         }
+        outage.answered();
         if !announced_standby {
             tracing::info!(%database, "another relay ticks this database; standing by");
             announced_standby = true;
@@ -86,11 +128,12 @@ async fn tick_while_connected(
             _ = stop.cancelled() => return Ok(()),
         }
         client.query_one("SELECT pgq.ticker()", &[]).await?;
-        retry_events(&client).await?;
+        retry_events(client).await?;
         if last_maintenance.is_none_or(|at| at.elapsed() >= MAINTENANCE_PERIOD) {
-            maintain(&client, &database).await?;
+            maintain(client, database).await?;
             last_maintenance = Some(Instant::now());
         }
+        outage.answered();
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Expansion runs over every string value of the parsed tree before anything reads it,
 //! so secrets can come from the environment anywhere. `$${` writes a literal `${`. A bare
-//! `$` is left alone (passwords often contain one). A variable that is not set and has no
+//! `$` is left alone (passwords often contain one). As in the shell, `${VAR:-default}`
+//! uses the default when `VAR` is unset or empty. A variable that is not set and has no
 //! default is an error naming it and the key path; the value itself is never echoed.
 
 use serde_json::Value;
@@ -75,7 +76,10 @@ fn resolve(reference: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<S
     if !valid_name {
         return Err(format!("invalid variable reference ${{{name}}}"));
     }
+    // As in the shell: `:-` falls back when the variable is unset *or* empty, so an
+    // exported-but-blank variable (a common CI mistake) does not blank the setting.
     match (lookup(name), default) {
+        (Some(value), Some(default)) if value.is_empty() => Ok(default.to_owned()),
         (Some(value), _) => Ok(value),
         (None, Some(default)) => Ok(default.to_owned()),
         (None, None) => Err(format!(
@@ -103,7 +107,16 @@ mod tests {
             "amqp://u:s3cret@h"
         );
         assert_eq!(expand("${MISSING:-5672}", &env).unwrap(), "5672");
-        assert_eq!(expand("${EMPTY:-x}", &env).unwrap(), "");
+        assert_eq!(
+            expand("${EMPTY:-x}", &env).unwrap(),
+            "x",
+            "empty takes the default, as in the shell"
+        );
+        assert_eq!(
+            expand("${EMPTY}", &env).unwrap(),
+            "",
+            "empty without a default is empty"
+        );
         assert_eq!(expand("${PASSWORD}${PASSWORD}", &env).unwrap(), "s3crets3cret");
     }
 

@@ -106,28 +106,29 @@ pub(crate) fn read_rabbitmq(node: Node<'_>, diag: &mut Diagnostics) -> Option<Ra
         return read_rabbitmq_url(node, diag);
     }
     let mut table = node.table(diag)?;
-    let defaults = match table.get("url") {
-        Some(entry) => read_rabbitmq_url(entry.node(), diag)?,
-        None => RabbitmqConfig::default(),
+    let (defaults, url_port) = match table.get("url") {
+        Some(entry) => {
+            let parsed = read_url(entry.node(), diag)?;
+            (parsed.config, parsed.explicit_port)
+        }
+        None => (RabbitmqConfig::default(), None),
     };
     let hosts = table
         .get_aliased("host", "hosts", diag)
         .and_then(|e| e.node().string_list(diag))
         .unwrap_or(defaults.hosts);
-    let url_had_tls = defaults.tls.is_some();
     let tls = match table.get("ssl_options") {
         Some(entry) => Some(read_tls(entry.node(), diag)?),
         None => defaults.tls,
     };
-    let default_port = if tls.is_some() && !url_had_tls {
-        5671
-    } else {
-        defaults.port
-    };
+    // A port the operator wrote (the `port` key, else the URL's) always wins; only
+    // without one does TLS decide between 5671 and 5672 (SPEC §3.3).
     let port = table
         .get("port")
         .and_then(|e| e.node().integer(diag, 1, 65535))
-        .map_or(default_port, |p| p as u16);
+        .map(|p| p as u16)
+        .or(url_port)
+        .unwrap_or_else(|| default_port(tls.is_some()));
     let vhost = table
         .get("vhost")
         .and_then(|e| e.node().string(diag))
@@ -205,17 +206,37 @@ fn read_password(table: &mut super::reader::Table<'_>, diag: &mut Diagnostics) -
     }
 }
 
+/// The port when none is written: 5671 for TLS, else 5672.
+fn default_port(tls: bool) -> u16 {
+    if tls { 5671 } else { 5672 }
+}
+
 pub(crate) fn read_rabbitmq_url(node: Node<'_>, diag: &mut Diagnostics) -> Option<RabbitmqConfig> {
+    read_url(node, diag).map(|parsed| parsed.config)
+}
+
+/// What an AMQP URL says.
+#[derive(Debug)]
+struct ParsedUrl {
+    /// The settings, defaults filled in.
+    config: RabbitmqConfig,
+    /// The port written in the URL, if any: it must survive `ssl_options` beside the URL.
+    explicit_port: Option<u16>,
+    /// Query keys that were ignored.
+    unknown: Vec<String>,
+}
+
+fn read_url(node: Node<'_>, diag: &mut Diagnostics) -> Option<ParsedUrl> {
     let text = node.non_empty_string(diag)?;
     match parse_amqp_url(&text) {
-        Ok((config, unknown)) => {
-            for key in unknown {
+        Ok(parsed) => {
+            for key in &parsed.unknown {
                 diag.warn(format!(
                     "{}: unknown URL query parameter {key:?} (ignored)",
                     node.path
                 ));
             }
-            Some(config)
+            Some(parsed)
         }
         Err(message) => {
             diag.error(node.path, message);
@@ -225,8 +246,8 @@ pub(crate) fn read_rabbitmq_url(node: Node<'_>, diag: &mut Diagnostics) -> Optio
 }
 
 /// Parses an `amqp://` / `amqps://` URL the way pika did: an empty path or `/` is the
-/// vhost `/`; `%2f` decodes to `/`. Returns the settings and the query keys it ignored.
-fn parse_amqp_url(text: &str) -> Result<(RabbitmqConfig, Vec<String>), String> {
+/// vhost `/`; `%2f` decodes to `/`.
+fn parse_amqp_url(text: &str) -> Result<ParsedUrl, String> {
     let url = url::Url::parse(text).map_err(|error| format!("invalid AMQP URL: {error}"))?;
     let tls = match url.scheme() {
         "amqp" => None,
@@ -244,7 +265,7 @@ fn parse_amqp_url(text: &str) -> Result<(RabbitmqConfig, Vec<String>), String> {
     if let Some(host) = url.host_str().filter(|h| !h.is_empty()) {
         config.hosts = vec![host.trim_start_matches('[').trim_end_matches(']').to_owned()];
     }
-    config.port = url.port().unwrap_or(if tls.is_some() { 5671 } else { 5672 });
+    config.port = url.port().unwrap_or(default_port(tls.is_some()));
     if !url.username().is_empty() {
         config.username = decode(url.username())?;
     }
@@ -284,7 +305,11 @@ fn parse_amqp_url(text: &str) -> Result<(RabbitmqConfig, Vec<String>), String> {
         }
     }
     config.tls = tls;
-    Ok((config, unknown))
+    Ok(ParsedUrl {
+        config,
+        explicit_port: url.port(),
+        unknown,
+    })
 }
 
 fn percent_encoding_decode(text: &str) -> Result<String, std::str::Utf8Error> {
@@ -351,24 +376,30 @@ mod tests {
 
     #[test]
     fn url_follows_pika_vhost_rules() {
-        let (config, unknown) = parse_amqp_url("amqp://localhost:5672/%2f").unwrap();
-        assert_eq!(config.vhost, "/");
-        assert!(unknown.is_empty());
-        assert_eq!(parse_amqp_url("amqp://h").unwrap().0.vhost, "/");
-        assert_eq!(parse_amqp_url("amqp://h/").unwrap().0.vhost, "/");
-        assert_eq!(parse_amqp_url("amqp://h/prod").unwrap().0.vhost, "prod");
+        let parsed = parse_amqp_url("amqp://localhost:5672/%2f").unwrap();
+        assert_eq!(parsed.config.vhost, "/");
+        assert!(parsed.unknown.is_empty());
+        assert_eq!(parse_amqp_url("amqp://h").unwrap().config.vhost, "/");
+        assert_eq!(parse_amqp_url("amqp://h/").unwrap().config.vhost, "/");
+        assert_eq!(parse_amqp_url("amqp://h/prod").unwrap().config.vhost, "prod");
     }
 
     #[test]
     fn url_carries_credentials_hosts_and_tls() {
-        let (config, _) = parse_amqp_url("amqps://user:p%40ss@127.0.0.1/v?heartbeat=30&x=1").unwrap();
+        let parsed = parse_amqp_url("amqps://user:p%40ss@127.0.0.1/v?heartbeat=30&x=1").unwrap();
+        assert_eq!(parsed.explicit_port, None);
+        let config = parsed.config;
         assert_eq!(config.hosts, ["127.0.0.1"]);
         assert_eq!(config.port, 5671);
         assert_eq!(config.username, "user");
         assert_eq!(config.password.expose(), "p@ss");
         assert_eq!(config.heartbeat, Duration::from_secs(30));
         assert!(config.tls.as_ref().is_some_and(|tls| tls.verify));
-        assert_eq!(parse_amqp_url("amqps://h/?x=1").unwrap().1, ["x"]);
+        assert_eq!(parse_amqp_url("amqps://h/?x=1").unwrap().unknown, ["x"]);
+        assert_eq!(
+            parse_amqp_url("amqps://h:5672").unwrap().explicit_port,
+            Some(5672)
+        );
     }
 
     #[test]
@@ -392,7 +423,7 @@ mod tests {
 
     #[test]
     fn redacted_form_hides_the_password() {
-        let config = parse_amqp_url("amqp://u:topsecret@h:1/v").unwrap().0;
+        let config = parse_amqp_url("amqp://u:topsecret@h:1/v").unwrap().config;
         let shown = config.redacted();
         assert_eq!(shown, "amqp://u:***@h:1/v");
         assert_eq!(

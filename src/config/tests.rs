@@ -317,6 +317,47 @@ fn tls_options_turn_on_tls_and_port_5671() {
 }
 
 #[test]
+fn ssl_options_keep_an_explicit_port() {
+    let port_of = |rabbitmq: &str| {
+        let config = load(&format!(
+            "{MINIMAL}      rabbitmq: {rabbitmq}
+"
+        ))
+        .unwrap();
+        config.application.workers["invoices"].rabbitmq.port
+    };
+    let tls = "ssl_options: {ca_certs: /ca.pem}";
+    assert_eq!(
+        port_of(&format!("{{url: 'amqp://h:5672', {tls}}}")),
+        5672,
+        "the URL's port"
+    );
+    assert_eq!(port_of(&format!("{{port: 5673, {tls}}}")), 5673, "the port key");
+    assert_eq!(
+        port_of(&format!("{{url: 'amqp://h:5672', port: 5674, {tls}}}")),
+        5674,
+        "the port key over the URL's"
+    );
+}
+
+#[test]
+fn ssl_options_default_the_port_to_5671_only_when_none_is_given() {
+    let port_of = |rabbitmq: &str| {
+        let config = load(&format!(
+            "{MINIMAL}      rabbitmq: {rabbitmq}
+"
+        ))
+        .unwrap();
+        config.application.workers["invoices"].rabbitmq.port
+    };
+    let tls = "ssl_options: {ca_certs: /ca.pem}";
+    assert_eq!(port_of(&format!("{{url: 'amqp://h', {tls}}}")), 5671);
+    assert_eq!(port_of(&format!("{{host: h, {tls}}}")), 5671);
+    assert_eq!(port_of("{url: 'amqps://h'}"), 5671);
+    assert_eq!(port_of("{url: 'amqp://h'}"), 5672);
+}
+
+#[test]
 fn environment_variables_are_expanded_and_missing_ones_named() {
     let env = |name: &str| (name == "RABBIT_PASSWORD").then(|| "from-env".to_owned());
     let text = format!(

@@ -262,6 +262,25 @@ fn ev_extra3_headers_replace_ev_extra4_entirely() {
 }
 
 #[test]
+fn invalid_ev_extra4_is_rejected_even_when_ev_extra3_headers_replace_it() {
+    for (extra4, expected) in [
+        ("{oops", "ev_extra4: not valid JSON"),
+        (
+            "[1]",
+            "ev_extra4: must be a JSON object of headers, found an array",
+        ),
+    ] {
+        let event = Event {
+            ev_extra3: Some(r#"{"headers": {"from": "extra3"}}"#.into()),
+            ev_extra4: Some(extra4.into()),
+            ..event()
+        };
+        let reason = reject(&event);
+        assert!(reason.starts_with(expected), "{reason:?} should say {expected:?}");
+    }
+}
+
+#[test]
 fn ev_extra3_headers_null_means_no_override() {
     let event = Event {
         ev_extra3: Some(r#"{"headers": null}"#.into()),

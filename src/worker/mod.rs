@@ -131,7 +131,7 @@ impl Worker {
                 }
                 Ok(Turn::Stopping) => None,
                 Err(error) => {
-                    let delay = backoff.next();
+                    let delay = backoff.next_delay();
                     self.drop_broken_link(&mut links, error.broken_link()).await;
                     tracing::error!(queue = %self.config.queue, error = %error, retry_in = ?delay, "worker failed; reconnecting");
                     self.stats.set_last_error(Some(error.to_string()));

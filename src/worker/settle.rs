@@ -6,7 +6,7 @@ use crate::config::{DeadLetterTarget, WorkerConfig};
 use crate::deadletter::{self, DeadLetter};
 use crate::error::WorkerError;
 use crate::event::Event;
-use crate::mapping::{Message, MessageIdNamespace, iso_timestamp};
+use crate::mapping::{Message, MessageIdNamespace, integer_value, iso_timestamp};
 use crate::pgq::BatchTransaction;
 use crate::stats::WorkerStats;
 use lapin::BasicProperties;
@@ -206,10 +206,10 @@ fn dead_letter_message(
     let text = |value: &str| AMQPValue::LongString(LongString::from(value));
     put("x-mikkoo-reason", text(reason));
     put("x-mikkoo-queue", text(&config.queue));
-    put("x-mikkoo-ev-id", AMQPValue::LongLongInt(event.ev_id));
+    put("x-mikkoo-ev-id", integer_value(event.ev_id));
     put("x-mikkoo-ev-retry", AMQPValue::LongInt(event.retries()));
     put("x-mikkoo-ev-time", text(&iso_timestamp(event.ev_time)));
-    put("x-mikkoo-ev-txid", AMQPValue::LongLongInt(event.ev_txid));
+    put("x-mikkoo-ev-txid", integer_value(event.ev_txid));
     let original = [
         ("x-mikkoo-exchange", &event.ev_extra1),
         ("x-mikkoo-routing-key", &event.ev_type),
@@ -250,5 +250,60 @@ impl Totals {
         stats.retried.add(self.retried);
         stats.dead_lettered.add(self.dead_lettered + self.discarded);
         stats.rejected.add(self.rejected);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use chrono::{TimeZone, Utc};
+    use std::path::Path;
+
+    fn worker_config() -> WorkerConfig {
+        let text =
+            "Application:\n  workers:\n    invoices:\n      postgres_url: postgresql://localhost/postgres\n";
+        let mut config =
+            Config::from_text(Path::new("test.yaml"), text, &|_| None).expect("valid configuration");
+        config.application.workers.remove("invoices").expect("worker")
+    }
+
+    fn event(ev_id: i64, ev_txid: i64) -> Event {
+        Event {
+            ev_id,
+            ev_time: Utc.with_ymd_and_hms(2026, 12, 4, 13, 18, 11).unwrap(),
+            ev_txid,
+            ev_retry: Some(3),
+            ev_type: Some("orders".into()),
+            ev_data: None,
+            ev_extra1: None,
+            ev_extra2: None,
+            ev_extra3: None,
+            ev_extra4: None,
+        }
+    }
+
+    fn header(message: &Message, name: &str) -> Option<AMQPValue> {
+        message.properties.headers().as_ref()?.inner().get(name).cloned()
+    }
+
+    #[test]
+    fn dead_letter_integers_are_32_bit_when_they_fit() {
+        let config = worker_config();
+        let small = dead_letter_message(&config, "dead", None, &event(42, 1234), "why", None);
+        assert_eq!(header(&small, "x-mikkoo-ev-id"), Some(AMQPValue::LongInt(42)));
+        assert_eq!(header(&small, "x-mikkoo-ev-txid"), Some(AMQPValue::LongInt(1234)));
+        assert_eq!(header(&small, "x-mikkoo-ev-retry"), Some(AMQPValue::LongInt(3)));
+
+        let big = 1_i64 << 40;
+        let large = dead_letter_message(&config, "dead", None, &event(big, big + 1), "why", None);
+        assert_eq!(
+            header(&large, "x-mikkoo-ev-id"),
+            Some(AMQPValue::LongLongInt(big))
+        );
+        assert_eq!(
+            header(&large, "x-mikkoo-ev-txid"),
+            Some(AMQPValue::LongLongInt(big + 1))
+        );
     }
 }

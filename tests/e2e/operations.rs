@@ -716,3 +716,149 @@ async fn the_built_in_ticker_relays_and_brings_retries_back_without_pgqd() {
         .await
         .unwrap();
 }
+
+/// A relay with a statsd destination on a free `port` where nothing listens yet, that
+/// has relayed two events and said it cannot reach statsd. Returns the relay, its queue
+/// (kept while the relay runs) and the line the first flush that gets through must
+/// carry: both events in one count.
+async fn relay_with_statsd_down(prefix: &str, protocol: &str, port: u16) -> (Relay, PgQueue, String) {
+    let mut queue = PgQueue::create(prefix).await;
+    let mut sink = Sink::topic(prefix).await;
+    let config = format!(
+        "{}  statsd: {{enabled: true, host: 127.0.0.1, port: {port}, prefix: relay, protocol: {protocol}}}\n",
+        config_yaml(&[worker_yaml(&queue.name, "")])
+    );
+    let relay = Relay::start(&config);
+    queue
+        .insert_batch(&[
+            NewEvent::to(&sink.exchange, "k", "one"),
+            NewEvent::to(&sink.exchange, "k", "two"),
+        ])
+        .await;
+    sink.take(2).await;
+    relay
+        .wait_for_log("figures are kept and sent once it answers")
+        .await;
+    // A few more failed attempts: the outage is still warned about only once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let warnings = relay
+        .log()
+        .matches("figures are kept and sent once it answers")
+        .count();
+    assert_eq!(warnings, 1, "one warning per outage:\n{}", relay.log());
+    let expected = format!("relay.{}.counters.processed:2|c", queue.name);
+    (relay, queue, expected)
+}
+
+#[tokio::test]
+async fn statsd_over_tcp_catches_up_once_its_server_listens() {
+    let port = free_port();
+    let (mut relay, _queue, expected) = relay_with_statsd_down("ops_statsd_late_tcp", "tcp", port).await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let (stream, _) = tokio::time::timeout(DEADLINE, listener.accept())
+        .await
+        .expect("the relay connects again within the backoff's 30 s")
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(stream).lines();
+    let found = tokio::time::timeout(DEADLINE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(".counters.processed:") {
+                return line;
+            }
+        }
+        String::new()
+    })
+    .await
+    .unwrap();
+    assert_eq!(found, expected, "the counts made while statsd was down arrive");
+    relay.wait_for_log("statsd server reachable again").await;
+    assert!(relay.stop().await.success());
+}
+
+#[tokio::test]
+async fn statsd_over_udp_catches_up_once_its_server_listens() {
+    let port = {
+        let reserved = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        reserved.local_addr().unwrap().port()
+    };
+    let (mut relay, _queue, expected) = relay_with_statsd_down("ops_statsd_late_udp", "udp", port).await;
+    let socket = tokio::net::UdpSocket::bind(("127.0.0.1", port)).await.unwrap();
+    let found = tokio::time::timeout(DEADLINE, async {
+        let mut buffer = vec![0u8; 65536];
+        loop {
+            let n = socket.recv(&mut buffer).await.unwrap();
+            // Empty datagrams are the relay's probes; statsd servers skip them.
+            let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+            if let Some(line) = text.lines().find(|l| l.contains(".counters.processed:")) {
+                return line.to_owned();
+            }
+        }
+    })
+    .await
+    .expect("the relay sends again within the backoff's 30 s");
+    assert_eq!(found, expected, "the counts made while statsd was down arrive");
+    assert!(relay.stop().await.success());
+}
+
+/// A database of its own with pgq and one queue `ticked` that `mikkoo` consumes.
+async fn pgq_database(prefix: &str) -> (String, tokio_postgres::Client, tokio::task::JoinHandle<()>) {
+    let database = unique(prefix);
+    pg().await
+        .execute(&format!("CREATE DATABASE {database}"), &[])
+        .await
+        .unwrap();
+    let url = format!("postgresql://postgres@127.0.0.1:5432/{database}");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+        .batch_execute(
+            "CREATE EXTENSION pgq; SELECT pgq.create_queue('ticked'); \
+             SELECT pgq.register_consumer('ticked', 'mikkoo');",
+        )
+        .await
+        .unwrap();
+    (database, client, driver)
+}
+
+#[tokio::test]
+async fn the_built_in_ticker_backs_off_while_its_database_is_down() {
+    let (database, client, driver) = pgq_database("ticker_down_db").await;
+    // PostgreSQL behind a proxy that refuses connections until started.
+    let mut proxy = faults::Proxy::reserved("127.0.0.1:5432").await;
+    let url = format!("postgresql://postgres@127.0.0.1:{}/{database}", proxy.port);
+    let worker = worker_yaml("ticked", "").replace(PG_URL, &url);
+    let config = format!(
+        "{}  ticker: {{enabled: true, period: 200ms}}\n",
+        config_yaml(&[worker])
+    );
+    let mut relay = Relay::start(&config);
+    relay
+        .wait_for_log("pgq ticker failed; reconnecting with backoff")
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = relay.log();
+    assert_eq!(
+        log.matches("pgq ticker failed").count(),
+        1,
+        "one error per outage:\n{log}"
+    );
+    // Every `period` (200 ms) would be 15 attempts in 3 s; backing off from 100 ms
+    // (jittered to half at least) makes at most 7.
+    let attempts = log.matches("pgq ticker still failing; retrying").count();
+    assert!(attempts <= 7, "{attempts} attempts in 3 s: no backoff\n{log}");
+
+    proxy.start().await;
+    relay.wait_for_log("pgq ticker reconnected").await;
+    relay.wait_for_log("ticking pgq").await;
+    assert!(relay.stop().await.success());
+    drop(client);
+    driver.abort();
+    pg().await
+        .execute(&format!("DROP DATABASE {database} WITH (FORCE)"), &[])
+        .await
+        .unwrap();
+}

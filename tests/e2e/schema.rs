@@ -605,7 +605,13 @@ async fn dead_letters_can_go_to_an_exchange_with_the_failure_in_headers() {
     );
     assert_eq!(
         header(&letter, "x-mikkoo-ev-id"),
-        Some(&AMQPValue::LongLongInt(ids[0]))
+        Some(&AMQPValue::LongInt(i32::try_from(ids[0]).unwrap())),
+        "integers that fit are signed 32-bit (SPEC §11)"
+    );
+    assert!(
+        matches!(header(&letter, "x-mikkoo-ev-txid"), Some(AMQPValue::LongInt(_))),
+        "{:?}",
+        header(&letter, "x-mikkoo-ev-txid")
     );
     queue.wait_drained().await;
     assert!(queue.dead_letters().await.is_empty(), "nothing went to the table");
