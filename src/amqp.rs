@@ -206,7 +206,7 @@ impl Broker {
             properties,
         )
         .await
-        .map_err(|error| connect_error(describe_connect_error(&error)))?;
+        .map_err(|error| connect_error(describe_connect_error(&error, config.tls.as_ref())))?;
 
         let channel = publishing_channel(&connection, confirm).await?;
         let (blocked_tx, blocked) = watch::channel(None);
@@ -455,8 +455,9 @@ fn amqp_uri(config: &RabbitmqConfig, host: &str) -> AMQPUri {
 }
 
 /// Turns lapin's connect errors into words an operator can act on.
-fn describe_connect_error(error: &lapin::Error) -> String {
+fn describe_connect_error(error: &lapin::Error, tls: Option<&TlsOptions>) -> String {
     let text = error.to_string();
+    let presents_no_certificate = tls.is_some_and(|options| options.certfile.is_none());
     match error.kind() {
         ErrorKind::ProtocolError(amqp) => format!(
             "{} (reply code {}); check the user name, password and vhost",
@@ -472,6 +473,20 @@ fn describe_connect_error(error: &lapin::Error) -> String {
             "{text} (TLS: the broker requires a client certificate; set ssl_options.certfile and keyfile)"
         ),
         _ if text.contains("SSL routines") => format!("{text} (TLS handshake failed; check ssl_options)"),
+        // The same refusal, when the broker's close wins the race with its alert: the
+        // relay's first write after the handshake finds the connection gone.
+        ErrorKind::IOError(io)
+            if presents_no_certificate
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) =>
+        {
+            format!(
+                "{text} (TLS: the broker closed the connection right after the handshake, as one that requires \
+                 a client certificate does; if it does, set ssl_options.certfile and keyfile)"
+            )
+        }
         _ => text,
     }
 }
