@@ -9,17 +9,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
 
-fn with_http(config: String, port: u16) -> String {
-    format!("{config}  http:\n    listen: \"127.0.0.1:{port}\"\n")
-}
-
-fn metric(text: &str, name: &str, queue: &str) -> Option<f64> {
-    let prefix = format!("{name}{{queue=\"{queue}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn metrics_status_and_health_follow_the_relay() {
     let mut queue = PgQueue::create("ops_metrics").await;

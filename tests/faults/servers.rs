@@ -237,30 +237,60 @@ async fn blocked_connection_pauses_publishing() {
     let _serial = serial().await;
     let mut queue = PgQueue::create("fault_blocked").await;
     let mut sink = Sink::topic("fault_blocked").await;
-    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "confirm_timeout: 1s")]));
+    let port = free_port();
+    let config = config_yaml(&[worker_yaml(&queue.name, "confirm_timeout: 1s")]);
+    let mut relay = Relay::start(&with_http(config, port));
     queue
         .insert_batch(&[NewEvent::to(&sink.exchange, "k", "warm-up")])
         .await;
     sink.take(1).await;
-    let set_watermark = |value: &'static str| {
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "set_vm_memory_high_watermark", value])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    set_watermark("0.0000001");
+    wait_http(port, "/readyz", 200).await;
+    let blocked_total = "mikkoo_amqp_connection_blocked_total";
+    assert_eq!(read_metric(port, blocked_total, &queue.name).await, 0.0);
+
+    let alarm = MemoryAlarm::raise();
     let mut ledger = Ledger::default();
     insert_batches(&mut queue, &mut ledger, &sink.exchange, "blocked", 1, 50).await;
     relay.wait_for_log("rabbitmq blocked the connection").await;
+    // While blocked: /readyz is red and says why, /metrics counted the block, /status
+    // shows it.
+    let wanted = format!("{}: RabbitMQ blocked the connection", queue.name);
+    let reason = eventually("/readyz to report the blocked connection", || async {
+        http_get(port, "/readyz")
+            .await
+            .filter(|(status, body)| *status == 503 && body.contains(&wanted))
+            .map(|(_, body)| body)
+    })
+    .await;
+    assert!(
+        reason.trim().len() > wanted.len(),
+        "the broker's reason is given: {reason}"
+    );
+    assert_eq!(read_metric(port, blocked_total, &queue.name).await, 1.0);
+    let status: serde_json::Value = serde_json::from_str(&wait_http(port, "/status", 200).await).unwrap();
+    let worker = &status["workers"][0];
+    assert_eq!(worker["ready"], false, "{worker}");
+    assert!(worker["blocked"].is_string(), "{worker}");
     // Stay blocked well past confirm_timeout: a blocked broker reads nothing, so waiting
     // is right, and the deadline must not turn it into a reconnect.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    set_watermark("0.4");
+    assert_eq!(
+        http_get(port, "/readyz").await.map(|(status, _)| status),
+        Some(503),
+        "still red while blocked"
+    );
+    alarm.clear();
     let mut deliveries = Vec::new();
     collect_all(&mut sink, &mut queue, &ledger, &mut deliveries).await;
     ledger.verify(&deliveries).assert_promise(1);
     relay.wait_for_log("rabbitmq unblocked the connection").await;
+    // Unblocked: ready again, the block counted once, /status clear.
+    wait_http(port, "/readyz", 200).await;
+    assert_eq!(read_metric(port, blocked_total, &queue.name).await, 1.0);
+    let status: serde_json::Value = serde_json::from_str(&wait_http(port, "/status", 200).await).unwrap();
+    let worker = &status["workers"][0];
+    assert_eq!(worker["ready"], true, "{worker}");
+    assert!(worker["blocked"].is_null(), "{worker}");
     let log = relay.log();
     assert!(
         !log.contains("no publisher confirm within") && !log.contains("worker failed"),

@@ -109,6 +109,48 @@ pub async fn rabbit_start_app() {
     .await;
 }
 
+/// RabbitMQ's memory alarm, raised on purpose: the broker blocks every publishing
+/// connection (`connection.blocked`) until [`MemoryAlarm::clear`], or until the guard
+/// drops, so a failing test never leaves the broker blocked for the ones after it.
+/// Only under [`serial`]: it stops every publisher.
+pub struct MemoryAlarm {
+    raised: bool,
+}
+
+/// The watermark RabbitMQ runs with otherwise (its default).
+const MEMORY_WATERMARK: &str = "0.4";
+
+impl MemoryAlarm {
+    /// Sets the memory watermark so low that the alarm goes off at once.
+    pub fn raise() -> MemoryAlarm {
+        run(
+            "rabbitmqctl",
+            &["-q", "set_vm_memory_high_watermark", "0.0000001"],
+        );
+        MemoryAlarm { raised: true }
+    }
+
+    /// Puts the watermark back: the broker unblocks its connections.
+    pub fn clear(mut self) {
+        self.raised = false;
+        run(
+            "rabbitmqctl",
+            &["-q", "set_vm_memory_high_watermark", MEMORY_WATERMARK],
+        );
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        if self.raised {
+            // No panic here: this runs while a failed test unwinds.
+            let _ = Command::new("rabbitmqctl")
+                .args(["-q", "set_vm_memory_high_watermark", MEMORY_WATERMARK])
+                .status();
+        }
+    }
+}
+
 /// Terminates the relay's PostgreSQL backends for `queue`; returns how many.
 pub async fn terminate_relay_backends(queue: &str) -> i64 {
     let client = pg().await;

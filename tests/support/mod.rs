@@ -299,6 +299,59 @@ impl PgQueue {
         .await;
     }
 
+    /// Events of this queue waiting in PgQ's retry queue: (ev_id, ev_retry), by ev_id.
+    pub async fn retry_events(&self) -> Vec<(i64, Option<i32>)> {
+        self.client
+            .query(
+                "SELECT r.ev_id, r.ev_retry FROM pgq.retry_queue r JOIN pgq.queue q ON q.queue_id = r.ev_queue \
+                 WHERE q.queue_name = $1 ORDER BY r.ev_id",
+                &[&self.name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+    }
+
+    /// Makes every event of this queue in PgQ's retry queue due now, whatever
+    /// `retry_delay` said (a long delay keeps pgqd's own maintenance from bringing them
+    /// back before the test looks); [`PgQueue::bring_back_retries`] then brings them back.
+    pub async fn make_retries_due(&self) {
+        self.client
+            .execute(
+                "UPDATE pgq.retry_queue r SET ev_retry_after = now() FROM pgq.queue q \
+                 WHERE q.queue_id = r.ev_queue AND q.queue_name = $1",
+                &[&self.name],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Makes a tick now and returns its id.
+    pub async fn tick_id(&self) -> i64 {
+        self.client
+            .query_one("SELECT pgq.ticker($1)", &[&self.name])
+            .await
+            .unwrap()
+            .get::<_, Option<i64>>(0)
+            .expect("pgq.ticker made a tick")
+    }
+
+    /// The consumer's position: the last tick it finished and the tick that ends its
+    /// open batch (`None` when no batch is open).
+    pub async fn consumer_ticks(&self) -> (i64, Option<i64>) {
+        let row = self
+            .client
+            .query_one(
+                "SELECT last_tick, next_tick FROM pgq.get_consumer_info($1, $2)",
+                &[&self.name, &self.consumer],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    }
+
     /// Dead-letter rows of this queue: (ev_id, ev_retry, reason).
     pub async fn dead_letters(&self) -> Vec<(i64, Option<i32>, String)> {
         let exists: bool = self
@@ -544,6 +597,111 @@ impl Drop for Sink {
             });
         })
         .join();
+    }
+}
+
+/// A queue that holds at most `max_length` messages and refuses more
+/// (`x-overflow: reject-publish`: RabbitMQ nacks a publish routed to it while it is full),
+/// bound to an existing exchange with one routing key. Nobody consumes it, so it fills
+/// up; the test takes messages out with [`BoundedQueue::get`]. Exclusive to its own
+/// connection, so it vanishes with the test.
+pub struct BoundedQueue {
+    pub name: String,
+    channel: lapin::Channel,
+    /// Keeps the exclusive queue alive.
+    _connection: Connection,
+}
+
+impl BoundedQueue {
+    pub async fn declare(prefix: &str, exchange: &str, routing_key: &str, max_length: i64) -> BoundedQueue {
+        let connection = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let name = unique(&format!("{prefix}_bounded"));
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(max_length));
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                name.as_str().into(),
+                exchange.into(),
+                routing_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        BoundedQueue {
+            name,
+            channel,
+            _connection: connection,
+        }
+    }
+
+    /// Publishes `body` to `exchange` with `routing_key` from the test (with a publisher
+    /// confirm) and returns whether the broker acked it.
+    pub async fn publish(&self, exchange: &str, routing_key: &str, body: &str) -> bool {
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .is_ack()
+    }
+
+    /// Takes the oldest message out of the queue (acknowledged), if there is one.
+    pub async fn get(&self) -> Option<Delivery> {
+        self.channel
+            .basic_get(
+                self.name.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+            .map(|message| message.delivery)
+    }
+
+    /// Messages in the queue now.
+    pub async fn len(&self) -> u32 {
+        self.channel
+            .queue_declare(
+                self.name.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
     }
 }
 
@@ -795,6 +953,29 @@ pub async fn wait_http(port: u16, path: &str, status: u16) -> String {
             .await
             .filter(|(s, _)| *s == status)
             .map(|(_, body)| body)
+    })
+    .await
+}
+
+/// `config` (from [`config_yaml`]) with the HTTP endpoints on 127.0.0.1:`port`.
+pub fn with_http(config: String, port: u16) -> String {
+    format!("{config}  http:\n    listen: \"127.0.0.1:{port}\"\n")
+}
+
+/// The value of the Prometheus sample `name{queue="queue"}` in `/metrics` text.
+pub fn metric(text: &str, name: &str, queue: &str) -> Option<f64> {
+    let prefix = format!("{name}{{queue=\"{queue}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The value of `name{queue="queue"}` at `/metrics` on `port` now (waits until the
+/// endpoint answers with the sample).
+pub async fn read_metric(port: u16, name: &str, queue: &str) -> f64 {
+    eventually(&format!("{name} for {queue} in /metrics"), || async {
+        let (_, text) = http_get(port, "/metrics").await?;
+        metric(&text, name, queue)
     })
     .await
 }
