@@ -113,6 +113,11 @@ pub const GAUGES: &[GaugeMetric] = &[
         help: "Messages published and not yet confirmed.",
         read: |s| Some(s.in_flight() as f64),
     },
+    GaugeMetric {
+        name: "blocked",
+        help: "1 while RabbitMQ blocks the connection's publishing (connection.blocked), else 0.",
+        read: |s| Some(if s.blocked().is_some() { 1.0 } else { 0.0 }),
+    },
 ];
 
 /// A histogram: Prometheus name, statsd timer name, help, how to read it.
@@ -336,6 +341,7 @@ mod tests {
             "mikkoo_pending_events{queue=\"invoices\"} 7",
             "mikkoo_lag_seconds{queue=\"invoices\"} 1.5",
             "mikkoo_in_flight{queue=\"invoices\"} 0",
+            "mikkoo_blocked{queue=\"invoices\"} 0",
             "mikkoo_connected{queue=\"invoices\",server=\"rabbitmq\"} 0",
             "# TYPE mikkoo_confirm_latency_seconds histogram",
             "mikkoo_confirm_latency_seconds_bucket{queue=\"invoices\",le=\"0.0025\"} 1",

@@ -247,13 +247,14 @@ async fn blocked_connection_pauses_publishing() {
     wait_http(port, "/readyz", 200).await;
     let blocked_total = "mikkoo_amqp_connection_blocked_total";
     assert_eq!(read_metric(port, blocked_total, &queue.name).await, 0.0);
+    assert_eq!(read_metric(port, "mikkoo_blocked", &queue.name).await, 0.0);
 
     let alarm = MemoryAlarm::raise();
     let mut ledger = Ledger::default();
     insert_batches(&mut queue, &mut ledger, &sink.exchange, "blocked", 1, 50).await;
     relay.wait_for_log("rabbitmq blocked the connection").await;
-    // While blocked: /readyz is red and says why, /metrics counted the block, /status
-    // shows it.
+    // While blocked: /readyz is red and says why, /metrics counted the block and shows
+    // it going on, /status shows it.
     let wanted = format!("{}: RabbitMQ blocked the connection", queue.name);
     let reason = eventually("/readyz to report the blocked connection", || async {
         http_get(port, "/readyz")
@@ -267,6 +268,7 @@ async fn blocked_connection_pauses_publishing() {
         "the broker's reason is given: {reason}"
     );
     assert_eq!(read_metric(port, blocked_total, &queue.name).await, 1.0);
+    assert_eq!(read_metric(port, "mikkoo_blocked", &queue.name).await, 1.0);
     let status: serde_json::Value = serde_json::from_str(&wait_http(port, "/status", 200).await).unwrap();
     let worker = &status["workers"][0];
     assert_eq!(worker["ready"], false, "{worker}");
@@ -287,6 +289,7 @@ async fn blocked_connection_pauses_publishing() {
     // Unblocked: ready again, the block counted once, /status clear.
     wait_http(port, "/readyz", 200).await;
     assert_eq!(read_metric(port, blocked_total, &queue.name).await, 1.0);
+    assert_eq!(read_metric(port, "mikkoo_blocked", &queue.name).await, 0.0);
     let status: serde_json::Value = serde_json::from_str(&wait_http(port, "/status", 200).await).unwrap();
     let worker = &status["workers"][0];
     assert_eq!(worker["ready"], true, "{worker}");
