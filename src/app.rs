@@ -6,16 +6,21 @@
 //! | second SIGINT | stop at once (open batches stay open and are relayed again later) |
 //! | SIGHUP | reload the configuration file; an invalid file changes nothing |
 //! | SIGUSR1 | log one status line per worker |
+//!
+//! What can fail at start is checked before the process detaches, while the operator's
+//! terminal is attached: [`load_config`] (the file, and the Sentry DSN) and
+//! [`bind_http`] (the `/metrics` address); [`run`] takes the bound socket.
 
+use std::net::SocketAddr;
 use std::path::Path;
-
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigErrors};
 use crate::logging::LogHandle;
 use crate::stats::Registry;
 use crate::supervisor::Supervisor;
@@ -33,11 +38,67 @@ pub enum RunError {
     #[error("cannot listen on {address} (Application.http.listen): {source}")]
     Listen {
         /// The configured address.
-        address: std::net::SocketAddr,
+        address: SocketAddr,
         /// Why.
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Reads the configuration file, with the checks the config module cannot make itself
+/// (the Sentry DSN needs the `sentry` feature): at start and on SIGHUP alike, so a
+/// reload never accepts a file the next start would refuse.
+pub fn load_config(path: &Path) -> Result<Config, ConfigErrors> {
+    let config = Config::load(path)?;
+    crate::reporting::check_dsn(config.application.sentry_dsn.as_ref()).map_err(|error| ConfigErrors {
+        file: path.to_owned(),
+        errors: vec![error],
+    })?;
+    Ok(config)
+}
+
+/// The `Application.http.listen` socket, bound and waiting for the runtime.
+#[derive(Debug)]
+pub struct HttpListener {
+    address: SocketAddr,
+    socket: std::net::TcpListener,
+}
+
+/// Binds `Application.http.listen`, if configured. Called before detaching, so an
+/// address in use is reported on the terminal rather than by a daemon that dies unseen
+/// (and a port below 1024 can be bound before dropping to `Daemon.user`).
+pub fn bind_http(config: &Config) -> Result<Option<HttpListener>, RunError> {
+    let Some(http) = &config.application.http else {
+        return Ok(None);
+    };
+    let listen_error = |source| RunError::Listen {
+        address: http.listen,
+        source,
+    };
+    let socket = std::net::TcpListener::bind(http.listen).map_err(listen_error)?;
+    // tokio requires a non-blocking socket.
+    socket.set_nonblocking(true).map_err(listen_error)?;
+    Ok(Some(HttpListener {
+        address: http.listen,
+        socket,
+    }))
+}
+
+/// Serves the HTTP endpoints on `listener` until `stop`.
+fn start_http(
+    listener: HttpListener,
+    registry: &Arc<Registry>,
+    stop: &CancellationToken,
+) -> Result<JoinHandle<()>, RunError> {
+    let socket = TcpListener::from_std(listener.socket).map_err(|source| RunError::Listen {
+        address: listener.address,
+        source,
+    })?;
+    Ok(tokio::spawn(crate::http::serve(
+        socket,
+        Arc::clone(registry),
+        stop.clone(),
+    )))
 }
 
 /// The signals the relay reacts to.
@@ -60,25 +121,22 @@ impl Signals {
     }
 }
 
-/// Runs the relay until a stop signal, then stops it gracefully.
-pub async fn run(config: Config, origin: String, log: Option<LogHandle>) -> Result<(), RunError> {
+/// Runs the relay until a stop signal, then stops it gracefully. `http` is the socket
+/// [`bind_http`] bound for `Application.http`; the HTTP endpoints keep it until the
+/// process exits (a changed `http` on SIGHUP takes effect at the next restart).
+pub async fn run(
+    config: Config,
+    origin: String,
+    log: Option<LogHandle>,
+    http: Option<HttpListener>,
+) -> Result<(), RunError> {
     let mut signals = Signals::install()?;
     let path = config.file.clone();
     let registry = Arc::new(Registry::default());
     let reporting = CancellationToken::new();
     let mut reporters = Vec::new();
-    if let Some(http) = &config.application.http {
-        let listener = TcpListener::bind(http.listen)
-            .await
-            .map_err(|source| RunError::Listen {
-                address: http.listen,
-                source,
-            })?;
-        reporters.push(tokio::spawn(crate::http::serve(
-            listener,
-            Arc::clone(&registry),
-            reporting.clone(),
-        )));
+    if let Some(listener) = http {
+        reporters.push(start_http(listener, &registry, &reporting)?);
     }
     if config.application.statsd.enabled {
         let statsd = config.application.statsd.clone();
@@ -130,7 +188,7 @@ fn reload(
     log: Option<&LogHandle>,
 ) -> Option<Config> {
     tracing::info!(file = %path.display(), "SIGHUP: reloading the configuration");
-    let config = match Config::load(path) {
+    let config = match load_config(path) {
         Ok(config) => config,
         Err(errors) => {
             for error in &errors.errors {

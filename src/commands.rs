@@ -7,11 +7,13 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::Level;
 
 use crate::amqp::Broker;
 use crate::audit::{self, ConsumeLimits, Straggler};
 use crate::config::{Config, MessageIdMode, WorkerConfig};
 use crate::deadletter::{self, ListedLetter, Selection};
+use crate::logging::{self, LogFormat};
 use crate::mapping::MessageIdNamespace;
 use crate::pgconn::PgTarget;
 use crate::pgq::PgqSession;
@@ -77,10 +79,11 @@ async fn session(worker: &WorkerConfig) -> Result<PgqSession, CommandError> {
         .map_err(failed)
 }
 
-/// `check`: the resolved configuration; with `connect`, every worker's servers.
-pub async fn check(config: &Config, connect: bool) -> Result<Finished, CommandError> {
+/// `check`: the resolved configuration; with `connect`, every worker's servers. Its
+/// warnings go to stderr in the log `format` (under JSON, every line is an object).
+pub async fn check(config: &Config, connect: bool, format: LogFormat) -> Result<Finished, CommandError> {
     for warning in &config.warnings {
-        eprintln!("warning: {warning}");
+        logging::to_terminal(format, Level::WARN, warning);
     }
     print!("{}", crate::check::summary(config));
     if !connect {
@@ -91,7 +94,11 @@ pub async fn check(config: &Config, connect: bool) -> Result<Finished, CommandEr
     if all_ok {
         Ok(Finished::Clean)
     } else {
-        eprintln!("mikkoo: some servers could not be reached (see above)");
+        logging::to_terminal(
+            format,
+            Level::ERROR,
+            "some servers could not be reached (see above)",
+        );
         Ok(Finished::Findings)
     }
 }
