@@ -5,13 +5,47 @@
 //! `logging.FileHandler` / `logging.handlers.WatchedFileHandler` (`filename`) and
 //! `logging.handlers.SysLogHandler` (`address`), with their `level` and the Python
 //! helper's `debug_only` flag (used only in the foreground). Formatters, filters and
-//! everything else of dictConfig are accepted and ignored: they are Python-specific.
+//! the rest of dictConfig's keys are accepted and ignored: they are Python-specific.
+//! A key dictConfig itself would not know (a typo such as `loggres` or `levle`) is
+//! warned about by name, and a handler that a logger lists but `handlers` does not
+//! define is too.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use tracing::level_filters::LevelFilter;
 
-use super::reader::{Diagnostics, Node};
+use super::reader::{Diagnostics, Node, Table};
+
+/// dictConfig's top-level keys the relay accepts without using.
+const UNUSED_SECTION_KEYS: &[&str] = &[
+    "version",
+    "formatters",
+    "filters",
+    "incremental",
+    "disable_existing_loggers",
+];
+/// dictConfig's logger keys the relay accepts without using.
+const UNUSED_LOGGER_KEYS: &[&str] = &["propagate", "filters"];
+/// Handler keys the relay accepts without using: dictConfig's own, and the arguments
+/// of the standard handler classes.
+const UNUSED_HANDLER_KEYS: &[&str] = &[
+    "formatter",
+    "filters",
+    "()",
+    ".",
+    "stream",
+    "mode",
+    "encoding",
+    "delay",
+    "errors",
+    "maxBytes",
+    "backupCount",
+    "when",
+    "interval",
+    "utc",
+    "atTime",
+    "socktype",
+];
 
 /// What the `Logging` section asks for.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -87,7 +121,7 @@ pub(crate) fn read_logging(node: Node<'_>, diag: &mut Diagnostics) -> Option<Log
     {
         config.root_level = root_table.get("level").and_then(|e| python_level(e.node(), diag));
         used_handlers.extend(handler_names(&mut root_table, diag));
-        root_table.ignore_rest();
+        finish_ignoring(root_table, UNUSED_LOGGER_KEYS, diag);
     }
     if let Some(loggers) = table.get("loggers") {
         match loggers.value {
@@ -101,7 +135,7 @@ pub(crate) fn read_logging(node: Node<'_>, diag: &mut Diagnostics) -> Option<Log
                         config.loggers.insert(name.clone(), level);
                     }
                     used_handlers.extend(handler_names(&mut logger, diag));
-                    logger.ignore_rest();
+                    finish_ignoring(logger, UNUSED_LOGGER_KEYS, diag);
                 }
             }
             _ => diag.error(
@@ -110,24 +144,47 @@ pub(crate) fn read_logging(node: Node<'_>, diag: &mut Diagnostics) -> Option<Log
             ),
         }
     }
-    if let Some(handlers) = table.get("handlers")
-        && let serde_json::Value::Object(map) = handlers.value
-    {
-        for (name, value) in map {
-            if !used_handlers.contains(name) {
-                continue;
+    let defined = match table.get("handlers") {
+        Some(handlers) => match handlers.value {
+            serde_json::Value::Object(map) => {
+                for (name, value) in map.iter().filter(|(name, _)| used_handlers.contains(name)) {
+                    let path = super::reader::join(&handlers.path, name);
+                    if let Some(handler) = read_handler(name, Node { path: &path, value }, diag) {
+                        config.handlers.push(handler);
+                    }
+                }
+                map.keys().cloned().collect()
             }
-            let path = super::reader::join(&handlers.path, name);
-            if let Some(handler) = read_handler(name, Node { path: &path, value }, diag) {
-                config.handlers.push(handler);
+            _ => {
+                diag.error(
+                    &handlers.path,
+                    "expected a mapping of handler names to their settings",
+                );
+                Vec::new()
             }
-        }
+        },
+        None => Vec::new(),
+    };
+    for name in used_handlers.iter().filter(|name| !defined.contains(name)) {
+        diag.warn(format!(
+            "{}: handler {name:?} is listed by a logger but not defined in {}.handlers (ignored)",
+            table.path(),
+            table.path()
+        ));
     }
-    table.ignore_rest();
+    finish_ignoring(table, UNUSED_SECTION_KEYS, diag);
     Some(config)
 }
 
-fn handler_names(table: &mut super::reader::Table<'_>, diag: &mut Diagnostics) -> Vec<String> {
+/// Accepts `unused` keys of `table` and warns about any other key not read.
+fn finish_ignoring(mut table: Table<'_>, unused: &[&str], diag: &mut Diagnostics) {
+    for key in unused {
+        table.ignore(key);
+    }
+    table.finish(diag);
+}
+
+fn handler_names(table: &mut Table<'_>, diag: &mut Diagnostics) -> Vec<String> {
     let Some(entry) = table.get("handlers") else {
         return Vec::new();
     };
@@ -188,7 +245,7 @@ fn read_handler(name: &str, node: Node<'_>, diag: &mut Diagnostics) -> Option<Lo
             None
         }
     };
-    table.ignore_rest();
+    finish_ignoring(table, UNUSED_HANDLER_KEYS, diag);
     Some(LogHandler {
         name: name.to_owned(),
         target: target?,

@@ -125,11 +125,6 @@ impl<'a> Table<'a> {
         }
     }
 
-    /// Marks every key as known (sections whose content is free-form).
-    pub fn ignore_rest(&mut self) {
-        self.read.extend(self.map.keys().map(String::as_str));
-    }
-
     /// Warns about every key that was not read.
     pub fn finish(self, diag: &mut Diagnostics) {
         for key in self.map.keys() {

@@ -120,6 +120,70 @@ fn the_python_docs_example_loads() {
 }
 
 #[test]
+fn the_python_examples_logging_sections_raise_no_warnings() {
+    for text in [
+        PYTHON_EXAMPLE,
+        PYTHON_DOCS_EXAMPLE,
+        include_str!("../../example.yaml"),
+    ] {
+        let config = load(text).unwrap();
+        assert!(
+            config.warnings.iter().all(|w| !w.contains("Logging")),
+            "{:?}",
+            config.warnings
+        );
+    }
+}
+
+#[test]
+fn typos_in_logging_are_warned_about_by_name() {
+    let text = format!(
+        "{MINIMAL}Logging:\n  version: 1\n  formatters: {{verbose: {{format: x}}}}\n  \
+         disable_existing_loggers: false\n  loggres: {{}}\n  \
+         handlers:\n    console: {{class: logging.StreamHandler, formatter: verbose, levle: INFO}}\n  \
+         loggers:\n    mikkoo: {{level: INFO, propagate: true, handlers: [console, consle]}}\n  \
+         root: {{level: WARNING, handlers: [console], filtres: []}}\n"
+    );
+    let config = load(&text).unwrap();
+    let warned = |needle: &str| config.warnings.iter().any(|w| w.contains(needle));
+    assert!(
+        warned("unknown configuration key Logging.loggres"),
+        "{:?}",
+        config.warnings
+    );
+    assert!(
+        warned("unknown configuration key Logging.handlers.console.levle"),
+        "{:?}",
+        config.warnings
+    );
+    assert!(
+        warned("unknown configuration key Logging.root.filtres"),
+        "{:?}",
+        config.warnings
+    );
+    assert!(
+        warned("handler \"consle\" is listed by a logger but not defined"),
+        "{:?}",
+        config.warnings
+    );
+    assert_eq!(
+        config.warnings.len(),
+        4,
+        "dictConfig's own keys pass: {:?}",
+        config.warnings
+    );
+
+    let not_a_mapping = format!("{MINIMAL}Logging:\n  handlers: [console]\n");
+    assert!(
+        errors(&not_a_mapping)
+            .iter()
+            .any(|e| e.contains("Logging.handlers: expected a mapping of handler names")),
+        "{:?}",
+        errors(&not_a_mapping)
+    );
+}
+
+#[test]
 fn lower_case_sections_are_accepted() {
     let text = MINIMAL.replace("Application:", "application:");
     assert!(load(&text).is_ok());
