@@ -181,8 +181,9 @@ pub struct WorkerStats {
     pub batch_duration: Histogram,
     /// Time from publishing a message to its confirm.
     pub confirm_latency: Histogram,
-    /// How long the worker may go without progress before `/readyz` calls it stalled.
-    pub progress_deadline: Duration,
+    /// Milliseconds the worker may go without progress before `/readyz` calls it
+    /// stalled (follows `wait_duration` across reloads).
+    progress_deadline_ms: AtomicU64,
     state: AtomicU8,
     current_batch: AtomicI64,
     in_flight: AtomicU64,
@@ -195,6 +196,12 @@ pub struct WorkerStats {
     started: Instant,
     /// Milliseconds since `started` of the last progress (batch answered or confirm).
     last_progress_ms: AtomicU64,
+}
+
+/// `max(3 × wait_duration, 30 s)` in milliseconds.
+fn progress_deadline_ms(wait_duration: Duration) -> u64 {
+    let deadline = wait_duration.saturating_mul(3).max(Duration::from_secs(30));
+    u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl WorkerStats {
@@ -218,7 +225,7 @@ impl WorkerStats {
             batch_size: Histogram::new(SIZE_BUCKETS),
             batch_duration: Histogram::new(SECONDS_BUCKETS),
             confirm_latency: Histogram::new(SECONDS_BUCKETS),
-            progress_deadline: wait_duration.saturating_mul(3).max(Duration::from_secs(30)),
+            progress_deadline_ms: AtomicU64::new(progress_deadline_ms(wait_duration)),
             state: AtomicU8::new(WorkerState::Connecting as u8),
             current_batch: AtomicI64::new(0),
             in_flight: AtomicU64::new(0),
@@ -231,6 +238,18 @@ impl WorkerStats {
             started: Instant::now(),
             last_progress_ms: AtomicU64::new(0),
         })
+    }
+
+    /// How long the worker may go without progress before `/readyz` calls it stalled:
+    /// `max(3 × wait_duration, 30 s)`.
+    pub fn progress_deadline(&self) -> Duration {
+        Duration::from_millis(self.progress_deadline_ms.load(Ordering::Relaxed))
+    }
+
+    /// A reloaded `wait_duration` for the worker that carries these stats on.
+    pub fn set_wait_duration(&self, wait_duration: Duration) {
+        self.progress_deadline_ms
+            .store(progress_deadline_ms(wait_duration), Ordering::Relaxed);
     }
 
     /// Sets the state.
@@ -374,11 +393,12 @@ impl WorkerStats {
             return Some(format!("{queue}: RabbitMQ blocked the connection: {reason}"));
         }
         let idle = self.since_progress();
-        if idle > self.progress_deadline {
+        let deadline = self.progress_deadline();
+        if idle > deadline {
             return Some(format!(
                 "{queue}: no progress for {}s (next_batch unanswered and no confirm; limit {}s)",
                 idle.as_secs(),
-                self.progress_deadline.as_secs()
+                deadline.as_secs()
             ));
         }
         None
@@ -402,13 +422,19 @@ impl Registry {
         workers.insert(stats.queue.clone(), stats);
     }
 
-    /// Removes a worker's stats.
-    pub fn remove(&self, queue: &str) {
+    /// Removes a worker's stats, unless its queue has other stats by now (it was
+    /// configured again).
+    pub fn remove_if_same(&self, stats: &Arc<WorkerStats>) {
         let mut workers = self
             .workers
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        workers.remove(queue);
+        if workers
+            .get(&stats.queue)
+            .is_some_and(|current| Arc::ptr_eq(current, stats))
+        {
+            workers.remove(&stats.queue);
+        }
     }
 
     /// Every running worker's stats, by queue.
@@ -479,11 +505,11 @@ mod tests {
     #[test]
     fn progress_deadline_is_at_least_thirty_seconds() {
         assert_eq!(
-            WorkerStats::new("q", Duration::from_secs(1)).progress_deadline,
+            WorkerStats::new("q", Duration::from_secs(1)).progress_deadline(),
             Duration::from_secs(30)
         );
         assert_eq!(
-            WorkerStats::new("q", Duration::from_secs(20)).progress_deadline,
+            WorkerStats::new("q", Duration::from_secs(20)).progress_deadline(),
             Duration::from_secs(60)
         );
     }

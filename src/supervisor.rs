@@ -31,6 +31,9 @@ struct RunningWorker {
     config: Arc<WorkerConfig>,
     /// Raised to ask it to stop between batches.
     stop: StopSignal,
+    /// What it reports; kept by the worker that replaces it after a reload, so counters
+    /// go on from where they were.
+    stats: Arc<WorkerStats>,
     /// The task running it (and restarting it after a panic).
     handle: JoinHandle<()>,
 }
@@ -82,23 +85,42 @@ impl Supervisor {
         supervisor
     }
 
-    /// Starts a worker; when `after` is given, only once it fires (the previous worker of
-    /// the queue has stopped).
-    fn spawn(&mut self, config: Arc<WorkerConfig>, after: Option<oneshot::Receiver<()>>) {
-        let stop = StopSignal::new();
-        let stats = WorkerStats::new(&config.queue, config.wait_duration);
-        self.registry.insert(Arc::clone(&stats));
+    /// Starts a worker; when it replaces a `previous` one, only once that one has
+    /// stopped, and with its stats.
+    fn spawn(&mut self, config: Arc<WorkerConfig>, previous: Option<Retired>) {
+        let (stop, stats, after) = match previous {
+            Some(previous) => {
+                previous.stats.set_wait_duration(config.wait_duration);
+                (
+                    StopSignal::succeeding(previous.stop),
+                    previous.stats,
+                    Some(previous.stopped),
+                )
+            }
+            None => {
+                let stats = WorkerStats::new(&config.queue, config.wait_duration);
+                self.registry.insert(Arc::clone(&stats));
+                (StopSignal::new(), stats, None)
+            }
+        };
         let handle = tokio::spawn(keep_running(
             Arc::clone(&config),
             self.origin.clone(),
             self.poll_interval.subscribe(),
-            stats,
+            Arc::clone(&stats),
             stop.clone(),
             after,
         ));
         tracing::info!(queue = %config.queue, "worker started");
-        self.workers
-            .insert(config.queue.clone(), RunningWorker { config, stop, handle });
+        self.workers.insert(
+            config.queue.clone(),
+            RunningWorker {
+                config,
+                stop,
+                stats,
+                handle,
+            },
+        );
     }
 
     /// The stats of every running worker, by queue.
@@ -119,16 +141,26 @@ impl Supervisor {
             .collect();
         for queue in removed {
             tracing::info!(queue = %queue, "queue removed from the configuration; stopping its worker");
-            self.retire(&queue, Retirement::ForGood);
-            self.registry.remove(&queue);
+            if let Some(retired) = self.retire(&queue, Retirement::ForGood) {
+                self.forget_once_stopped(retired);
+            }
         }
         for (queue, settings) in wanted {
             match self.workers.get(queue) {
                 Some(running) if *running.config == *settings => {}
-                Some(_) => {
+                Some(running) => {
+                    // A different consumer or database is a new subscription: the old
+                    // one is left for good (and unregistered, with `unregister: true`).
+                    let same_subscription = running.config.consumer_name == settings.consumer_name
+                        && running.config.postgres == settings.postgres;
+                    let retirement = if same_subscription {
+                        Retirement::ForRestart
+                    } else {
+                        Retirement::ForGood
+                    };
                     tracing::info!(queue = %queue, "worker settings changed; restarting it");
-                    let stopped = self.retire(queue, Retirement::ForRestart);
-                    self.spawn(Arc::new(settings.clone()), stopped);
+                    let retired = self.retire(queue, retirement);
+                    self.spawn(Arc::new(settings.clone()), retired);
                 }
                 None => self.spawn(Arc::new(settings.clone()), None),
             }
@@ -136,15 +168,14 @@ impl Supervisor {
         self.apply_tickers(config);
     }
 
-    /// Asks a worker to stop and lets it finish in the background; the receiver fires
-    /// once it has.
-    fn retire(&mut self, queue: &str, retirement: Retirement) -> Option<oneshot::Receiver<()>> {
+    /// Asks a worker to stop and lets it finish in the background.
+    fn retire(&mut self, queue: &str, retirement: Retirement) -> Option<Retired> {
         let worker = self.workers.remove(queue)?;
         match retirement {
             Retirement::ForGood => worker.stop.stop(),
             Retirement::ForRestart => worker.stop.stop_for_restart(),
         }
-        let (stopped_tx, stopped_rx) = oneshot::channel();
+        let (stopped_tx, stopped) = oneshot::channel();
         self.retiring.push(tokio::spawn(async move {
             stop_within(
                 &worker.config.queue,
@@ -154,7 +185,21 @@ impl Supervisor {
             .await;
             let _ = stopped_tx.send(());
         }));
-        Some(stopped_rx)
+        Some(Retired {
+            stopped,
+            stop: worker.stop,
+            stats: worker.stats,
+        })
+    }
+
+    /// Drops a removed queue's stats once its worker has stopped, so what it did while
+    /// stopping is still reported (unless the queue came back meanwhile).
+    fn forget_once_stopped(&mut self, retired: Retired) {
+        let registry = Arc::clone(&self.registry);
+        self.retiring.push(tokio::spawn(async move {
+            let _ = retired.stopped.await;
+            registry.remove_if_same(&retired.stats);
+        }));
     }
 
     /// Runs one ticker per database the workers use, when the ticker is enabled.
@@ -208,6 +253,15 @@ impl Supervisor {
     }
 }
 
+/// A worker asked to stop: what its replacement needs.
+struct Retired {
+    /// Fires once it has stopped.
+    stopped: oneshot::Receiver<()>,
+    /// Its stop signal (a stop for good of the replacement reaches it too).
+    stop: StopSignal,
+    stats: Arc<WorkerStats>,
+}
+
 /// Why a worker is stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Retirement {
@@ -228,6 +282,7 @@ async fn keep_running(
 ) {
     if let Some(previous_stopped) = after {
         let _ = previous_stopped.await;
+        stop.predecessor_stopped();
     }
     let mut backoff = Backoff::default();
     loop {

@@ -295,15 +295,21 @@ async fn subscription_id(queue: &PgQueue) -> Option<i32> {
 async fn sighup_restarting_a_worker_with_unregister_true_keeps_its_consumer_registered() {
     let mut queue = PgQueue::create("ops_hup_unreg").await;
     let mut sink = Sink::topic("ops_hup_unreg").await;
-    let mut relay = Relay::start(&config_yaml(&[worker_yaml(&queue.name, "unregister: true")]));
+    let port = free_port();
+    let name = queue.name.clone();
+    let with_settings = |extra: &str| with_http(config_yaml(&[worker_yaml(&name, extra)]), port);
+    let mut relay = Relay::start(&with_settings("unregister: true"));
     queue
         .insert_batch(&[NewEvent::to(&sink.exchange, "k", "before")])
         .await;
     assert_eq!(body(&sink.take(1).await[0]), "before");
     let registered = subscription_id(&queue).await.expect("registered");
 
-    let changed = config_yaml(&[worker_yaml(&queue.name, "unregister: true\napp_id: changed-app")]);
-    std::fs::write(&relay.config_path, &changed).unwrap();
+    std::fs::write(
+        &relay.config_path,
+        with_settings("unregister: true\napp_id: changed-app"),
+    )
+    .unwrap();
     relay.signal(Signal::SIGHUP);
     relay.wait_for_log("worker settings changed; restarting it").await;
     queue
@@ -326,9 +332,33 @@ async fn sighup_restarting_a_worker_with_unregister_true_keeps_its_consumer_regi
         log.contains("the pgq consumer stays registered") && !log.contains("unregistered pgq consumer"),
         "{log}"
     );
+    assert_eq!(
+        read_metric(port, "mikkoo_processed_total", &queue.name).await,
+        2.0,
+        "counters go on across the restart"
+    );
+
+    // Another consumer is another subscription: the old one is left for good.
+    std::fs::write(
+        &relay.config_path,
+        with_settings("unregister: true\napp_id: changed-app\nconsumer_name: other_consumer"),
+    )
+    .unwrap();
+    relay.signal(Signal::SIGHUP);
+    relay.wait_for_log("unregistered pgq consumer").await;
+    assert!(!queue.is_registered().await, "the old consumer was unregistered");
 
     assert!(relay.stop().await.success());
-    assert!(!queue.is_registered().await, "a stop for good still unregisters");
+    let other_left = queue
+        .client
+        .query_one(
+            "SELECT count(*) FROM pgq.get_consumer_info($1) WHERE consumer_name = 'other_consumer'",
+            &[&queue.name],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(other_left, 0, "a stop for good still unregisters");
 }
 
 #[tokio::test]
