@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (if missing) and start (if down), on loopback only, everything mikkoo and its
-# tests need: PostgreSQL 15 with the pgq extension, the pgqd ticker daemon, RabbitMQ,
+# tests need: PostgreSQL (15 on Debian 12) with the pgq extension, the pgqd ticker daemon, RabbitMQ,
 # and (for the TLS tests) a listener in front of RabbitMQ that requires client
 # certificates.
 #
@@ -240,7 +240,12 @@ CONF
   return 0
 }
 
-stunnel_up() { [ -f "$STUNNEL_PID" ] && kill -0 "$(cat "$STUNNEL_PID")" 2>/dev/null; }
+# Alive, and stunnel: a stale pidfile's number may belong to another process by now.
+stunnel_up() {
+  local pid
+  pid=$(cat "$STUNNEL_PID" 2>/dev/null) || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && grep -q '^stunnel' "/proc/$pid/comm" 2>/dev/null
+}
 stunnel_down() { ! stunnel_up; }
 
 # Starts (or, after new certificates or a changed configuration, restarts) the TLS
@@ -302,11 +307,11 @@ CONF
   fi
 }
 
-# PostgreSQL's major version: $PG_VERSION when set, else the cluster already on the
-# machine, else the distribution's default (15 on Debian 12, 16 on Ubuntu 24.04).
+# PostgreSQL's major version: $PG_VERSION when set, else that of the cluster already
+# on $PG_PORT, else the distribution's default (15 on Debian 12, 16 on Ubuntu 24.04).
 choose_pg_version() {
   [ -n "$PG_VERSION" ] && return 0
-  PG_VERSION=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | sort -V | tail -n 1)
+  PG_VERSION=$(pg_lsclusters -h 2>/dev/null | awk -v port="$PG_PORT" '$3 == port { print $1; exit }')
   [ -n "$PG_VERSION" ] && return 0
   apt-cache show postgresql >/dev/null 2>&1 || apt_refresh
   PG_VERSION=$(apt-cache depends postgresql 2>/dev/null | sed -n 's/^ *Depends: postgresql-\([0-9][0-9]*\)$/\1/p' | head -n 1)

@@ -84,21 +84,45 @@ struct Identity {
     group: Option<Group>,
 }
 
-/// Detaches the process: on success the caller is the daemon (the launching process
-/// has exited 0) and holds the pidfile, if one is configured.
-pub fn detach(config: &DaemonConfig) -> Result<Option<Pidfile>, DaemonError> {
+/// What is checked and held before detaching: who to become, and the locked pidfile
+/// (removed again if the relay gives up before detaching).
+pub struct Detachable {
+    identity: Identity,
+    pidfile: Option<(Flock<File>, PathBuf)>,
+}
+
+impl Drop for Detachable {
+    fn drop(&mut self) {
+        if let Some((_, path)) = &self.pidfile {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Checks the user and group and locks the pidfile (refusing one that names a live
+/// process), while the terminal is still attached. Done before anything else claims a
+/// resource, so a second instance is told it is one.
+pub fn prepare(config: &DaemonConfig) -> Result<Detachable, DaemonError> {
     let identity = resolve_identity(config)?;
     let pidfile = match &config.pidfile {
-        Some(path) => Some(lock_pidfile(path)?),
+        Some(path) => Some((lock_pidfile(path)?, path.clone())),
         None => None,
     };
-    nix::unistd::daemon(false, false).map_err(DaemonError::Detach)?;
-    let pidfile = match (pidfile, &config.pidfile) {
-        (Some(lock), Some(path)) => Some(write_pid(lock, path)?),
-        _ => None,
-    };
-    drop_privileges(&identity)?;
-    Ok(pidfile)
+    Ok(Detachable { identity, pidfile })
+}
+
+impl Detachable {
+    /// Detaches the process: on success the caller is the daemon (the launching process
+    /// has exited 0) and holds the pidfile, if one is configured.
+    pub fn detach(mut self) -> Result<Option<Pidfile>, DaemonError> {
+        nix::unistd::daemon(false, false).map_err(DaemonError::Detach)?;
+        let pidfile = match self.pidfile.take() {
+            Some((lock, path)) => Some(write_pid(lock, &path)?),
+            None => None,
+        };
+        drop_privileges(&self.identity)?;
+        Ok(pidfile)
+    }
 }
 
 fn resolve_identity(config: &DaemonConfig) -> Result<Identity, DaemonError> {
@@ -181,6 +205,11 @@ fn write_pid(mut lock: Flock<File>, path: &Path) -> Result<Pidfile, DaemonError>
 }
 
 fn drop_privileges(identity: &Identity) -> Result<(), DaemonError> {
+    // Not root: `resolve_identity` made sure the configured user and group are already
+    // ours, so there is nothing to switch (and setgroups would be refused).
+    if !Uid::effective().is_root() {
+        return Ok(());
+    }
     let gid = identity
         .group
         .as_ref()

@@ -348,12 +348,19 @@ impl ReopeningFile {
 impl Write for &ReopeningFile {
     fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
         let mut state = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let current = std::fs::metadata(&self.path).map(|m| m.ino()).ok();
-        if current != Some(state.1) {
-            let file = ReopeningFile::open_append(&self.path)?;
-            let inode = file.metadata()?.ino();
-            *state = (file, inode);
+        // Rotated: another file at the path, or none. A path the process may no longer
+        // look up (after dropping privileges) is not a rotation.
+        let rotated = match std::fs::metadata(&self.path) {
+            Ok(metadata) => metadata.ino() != state.1,
+            Err(error) => error.kind() == io::ErrorKind::NotFound,
+        };
+        if rotated
+            && let Ok(file) = ReopeningFile::open_append(&self.path)
+            && let Ok(metadata) = file.metadata()
+        {
+            *state = (file, metadata.ino());
         }
+        // When reopening failed, the line goes to the old file: better than nowhere.
         state.0.write(buffer)
     }
 

@@ -209,18 +209,29 @@ fn run(cli: &Cli, overrides: LogOverrides) -> ExitCode {
         format,
         log_on_stderr: log.writes_to_stderr(),
     };
+    // The pidfile first: a second instance is told it is one, not that the HTTP
+    // address is taken.
+    let detachable = if cli.foreground {
+        None
+    } else {
+        match daemon::prepare(&config.daemon) {
+            Ok(detachable) => Some(detachable),
+            Err(error) => return fatal.exit(&error.to_string()),
+        }
+    };
     // Bound before detaching too, so an address in use is reported on the terminal.
     let http = match app::bind_http(&config) {
         Ok(http) => http,
         Err(error) => return fatal.exit(&error.to_string()),
     };
-    let _pidfile = if cli.foreground {
-        None
-    } else {
-        warn_if_log_discarded(&config, format);
-        match daemon::detach(&config.daemon) {
-            Ok(pidfile) => pidfile,
-            Err(error) => return fatal.exit(&error.to_string()),
+    let _pidfile = match detachable {
+        None => None,
+        Some(detachable) => {
+            warn_if_log_discarded(&config, format);
+            match detachable.detach() {
+                Ok(pidfile) => pidfile,
+                Err(error) => return fatal.exit(&error.to_string()),
+            }
         }
     };
     for warning in &config.warnings {

@@ -32,11 +32,19 @@ pub async fn run(target: PgTarget, period: Duration, stop: CancellationToken) {
     let database = format!("{}/{}", target.host_port(), target.dbname());
     let mut outage = Outage::new(database.clone());
     while !stop.is_cancelled() {
-        let result = match target.connect("mikkoo ticker").await {
-            Ok((client, _connection)) => tick_while_connected(&client, &database, period, &stop, &mut outage)
-                .await
-                .map_err(|error| error.to_string()),
-            Err(error) => Err(error.to_string()),
+        let session = async {
+            match target.connect("mikkoo ticker").await {
+                Ok((client, _connection)) => tick_while_connected(&client, &database, period, &stop, &mut outage)
+                    .await
+                    .map_err(|error| error.to_string()),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        // A server that went silent must not hold up shutdown: a stop abandons the
+        // connection attempt or the tick in progress (its transaction rolls back).
+        let result = tokio::select! {
+            result = session => result,
+            _ = stop.cancelled() => return,
         };
         // `Ok` only comes back once `stop` is cancelled.
         let Err(error) = result else { continue };

@@ -165,6 +165,8 @@ pub(crate) fn read_logging(node: Node<'_>, diag: &mut Diagnostics) -> Option<Log
         },
         None => Vec::new(),
     };
+    used_handlers.sort();
+    used_handlers.dedup();
     for name in used_handlers.iter().filter(|name| !defined.contains(name)) {
         diag.warn(format!(
             "{}: handler {name:?} is listed by a logger but not defined in {}.handlers (ignored)",
@@ -242,6 +244,8 @@ fn read_handler(name: &str, node: Node<'_>, diag: &mut Diagnostics) -> Option<Lo
                  WatchedFileHandler and SysLogHandler are); it is ignored",
                 node.path
             ));
+            // Its arguments are its class's (mailhost, toaddrs, ...): not typos.
+            table.ignore_rest();
             None
         }
     };

@@ -173,6 +173,15 @@ fn typos_in_logging_are_warned_about_by_name() {
         config.warnings
     );
 
+    // An unsupported class is one warning, not one per argument of its class; a missing
+    // handler listed twice is one warning too.
+    let other_class = format!(
+        "{MINIMAL}Logging:\n  handlers:\n    mail: {{class: logging.handlers.SMTPHandler, mailhost: m, toaddrs: [a]}}\n  \
+         loggers:\n    mikkoo: {{handlers: [mail, gone]}}\n  root: {{handlers: [mail, gone]}}\n"
+    );
+    let config = load(&other_class).unwrap();
+    assert_eq!(config.warnings.len(), 2, "{:?}", config.warnings);
+
     let not_a_mapping = format!("{MINIMAL}Logging:\n  handlers: [console]\n");
     assert!(
         errors(&not_a_mapping)

@@ -549,9 +549,11 @@ async fn daemon_mode_drops_to_the_configured_user_and_its_groups_and_still_relay
     );
     let mut queue = PgQueue::create("ops_daemon_user").await;
     let mut sink = Sink::topic("ops_daemon_user").await;
-    // The directory stays root's (0700): the daemon, once `nobody`, cannot remove its
-    // pidfile and must empty it instead.
+    // The directory stays root's, 0700: the daemon, once `nobody`, can neither remove
+    // its pidfile (it must empty it instead) nor look up its log file (it must go on
+    // writing to the one it opened as root).
     let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let pidfile = dir.path().join("mikkoo.pid");
     let config = daemon_config(&queue.name, dir.path(), "  user: nobody\n  group: nogroup\n");
     let (_config_dir, path) = write_config(&config);

@@ -198,7 +198,7 @@ async fn sigterm_while_connecting_takes_no_new_batch() {
         .insert_batch(&[NewEvent::to(&sink.exchange, "k", "waiting")])
         .await;
     let mut gate = Gate::closed().await;
-    let via_gate = format!("host: 127.0.0.1, port: {}, connect_timeout: 60", gate.port);
+    let via_gate = format!("host: 127.0.0.1, port: {}, socket_timeout: 60", gate.port);
     let mut relay = Relay::start(&config_yaml(&[worker_yaml_via(&queue.name, "", &via_gate)]));
     relay.wait_for_log("connected to postgresql").await;
     tokio::time::timeout(DEADLINE, gate.accepted.recv())
