@@ -389,16 +389,14 @@ fn tls_options_turn_on_tls_and_port_5671() {
     assert_eq!(tls.ca_certs.as_deref(), Some(Path::new("/ca.pem")));
 }
 
+/// The RabbitMQ port a `rabbitmq:` mapping (YAML flow text) resolves to.
+fn port_of(rabbitmq: &str) -> u16 {
+    let config = load(&format!("{MINIMAL}      rabbitmq: {rabbitmq}\n")).unwrap();
+    config.application.workers["invoices"].rabbitmq.port
+}
+
 #[test]
 fn ssl_options_keep_an_explicit_port() {
-    let port_of = |rabbitmq: &str| {
-        let config = load(&format!(
-            "{MINIMAL}      rabbitmq: {rabbitmq}
-"
-        ))
-        .unwrap();
-        config.application.workers["invoices"].rabbitmq.port
-    };
     let tls = "ssl_options: {ca_certs: /ca.pem}";
     assert_eq!(
         port_of(&format!("{{url: 'amqp://h:5672', {tls}}}")),
@@ -415,14 +413,6 @@ fn ssl_options_keep_an_explicit_port() {
 
 #[test]
 fn ssl_options_default_the_port_to_5671_only_when_none_is_given() {
-    let port_of = |rabbitmq: &str| {
-        let config = load(&format!(
-            "{MINIMAL}      rabbitmq: {rabbitmq}
-"
-        ))
-        .unwrap();
-        config.application.workers["invoices"].rabbitmq.port
-    };
     let tls = "ssl_options: {ca_certs: /ca.pem}";
     assert_eq!(port_of(&format!("{{url: 'amqp://h', {tls}}}")), 5671);
     assert_eq!(port_of(&format!("{{host: h, {tls}}}")), 5671);

@@ -154,23 +154,6 @@ async fn check_connect_explains_a_missing_pgq_extension() {
     );
 }
 
-/// `mikkoo` with `args`, levels from its arguments and configuration only.
-fn mikkoo(args: &[&str]) -> std::process::Command {
-    let mut command = std::process::Command::new(binary());
-    command.args(args).env_remove("MIKKOO_LOG");
-    command
-}
-
-/// Runs `mikkoo` with `args` to completion: (status, stdout, stderr).
-fn run_mikkoo(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let output = mikkoo(args).output().expect("run mikkoo");
-    (
-        output.status,
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 /// Every line of `stderr` as JSON; fails the test on a line that is not an object.
 fn json_lines(stderr: &str) -> Vec<serde_json::Value> {
     stderr
@@ -198,10 +181,6 @@ fn idle_config(application: &str, rest: &str) -> String {
     format!("Application:\n  workers: {{}}\n{application}{rest}")
 }
 
-fn http_at(port: u16) -> String {
-    format!("  http:\n    listen: \"127.0.0.1:{port}\"\n")
-}
-
 /// A TCP port held by the test for as long as the listener lives.
 fn taken_port() -> (std::net::TcpListener, u16) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -215,7 +194,7 @@ fn logging_setup_errors_name_the_configuration_file() {
                    filename: /nonexistent/dir/mikkoo.log\n  root:\n    level: INFO\n    handlers: [file]\n";
     let (_dir, path) = write_config(&idle_config("", logging));
     let path_text = path.to_str().unwrap();
-    let (status, _, stderr) = run_mikkoo(&["-f", "-c", path_text]);
+    let (status, _, stderr) = run_cli(&["-f", "-c", path_text]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -230,7 +209,7 @@ fn a_malformed_sentry_dsn_is_a_configuration_error() {
     let (_dir, path) = write_config(&idle_config("  sentry_dsn: not-a-dsn\n", ""));
     let path_text = path.to_str().unwrap();
     for args in [vec!["-f", "-c", path_text], vec!["check", "-c", path_text]] {
-        let (status, _, stderr) = run_mikkoo(&args);
+        let (status, _, stderr) = run_cli(&args);
         assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
             stderr.contains(&format!(
@@ -247,8 +226,8 @@ fn daemon_mode_reports_an_http_address_in_use_before_detaching() {
     let dir = tempfile::tempdir().unwrap();
     let pidfile = dir.path().join("mikkoo.pid");
     let daemon = format!("Daemon:\n  pidfile: {}\n", pidfile.display());
-    let (_config_dir, path) = write_config(&idle_config(&http_at(port), &daemon));
-    let (status, _, stderr) = run_mikkoo(&["-c", path.to_str().unwrap()]);
+    let (_config_dir, path) = write_config(&idle_config(&http_yaml(port), &daemon));
+    let (status, _, stderr) = run_cli(&["-c", path.to_str().unwrap()]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -263,7 +242,7 @@ fn daemon_mode_reports_an_http_address_in_use_before_detaching() {
 fn json_log_format_writes_only_json_lines_on_errors() {
     // A configuration error.
     let (_dir, bad) = write_config("Application:\n  workers: {}\n  poll_interval: soon\n");
-    let (status, _, stderr) = run_mikkoo(&["-f", "--log-format", "json", "-c", bad.to_str().unwrap()]);
+    let (status, _, stderr) = run_cli(&["-f", "--log-format", "json", "-c", bad.to_str().unwrap()]);
     assert_eq!(status.code(), Some(2), "{stderr}");
     let lines = json_lines(&stderr);
     assert_eq!(
@@ -279,7 +258,7 @@ fn json_log_format_writes_only_json_lines_on_errors() {
     std::fs::write(&pidfile, format!("{}\n", std::process::id())).unwrap();
     let daemon = format!("Daemon:\n  pidfile: {}\n", pidfile.display());
     let (_config_dir, path) = write_config(&idle_config("", &daemon));
-    let (status, _, stderr) = run_mikkoo(&["--log-format", "json", "-c", path.to_str().unwrap()]);
+    let (status, _, stderr) = run_cli(&["--log-format", "json", "-c", path.to_str().unwrap()]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     let lines = json_lines(&stderr);
     let warnings = messages_with(&lines, "no file or syslog handler");
@@ -289,8 +268,8 @@ fn json_log_format_writes_only_json_lines_on_errors() {
 
     // In the foreground the log is on stderr already: the fatal error is written once.
     let (_held, port) = taken_port();
-    let (_config_dir, path) = write_config(&idle_config(&http_at(port), ""));
-    let (status, _, stderr) = run_mikkoo(&["-f", "--log-format", "json", "-c", path.to_str().unwrap()]);
+    let (_config_dir, path) = write_config(&idle_config(&http_yaml(port), ""));
+    let (status, _, stderr) = run_cli(&["-f", "--log-format", "json", "-c", path.to_str().unwrap()]);
     assert_eq!(status.code(), Some(1), "{stderr}");
     let lines = json_lines(&stderr);
     assert_eq!(
@@ -305,7 +284,7 @@ fn json_log_format_writes_only_json_lines_on_errors() {
 async fn stderr_of_a_short_run(config: &str, port: u16, args: &[&str]) -> String {
     let (dir, path) = write_config(config);
     let log_path = dir.path().join("stderr.log");
-    let mut child = mikkoo(&["-f", "-c", path.to_str().unwrap()])
+    let mut child = mikkoo_command(&["-f", "-c", path.to_str().unwrap()])
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
@@ -327,7 +306,7 @@ async fn stderr_of_a_short_run(config: &str, port: u16, args: &[&str]) -> String
 async fn log_level_overrides_the_logging_section() {
     let port = free_port();
     let debug_everything = "Logging:\n  version: 1\n  root:\n    level: DEBUG\n";
-    let config = idle_config(&http_at(port), debug_everything);
+    let config = idle_config(&http_yaml(port), debug_everything);
     let quiet = stderr_of_a_short_run(&config, port, &["--log-level", "error"]).await;
     assert!(
         !quiet.contains("mikkoo starting") && !quiet.contains(" INFO ") && !quiet.contains(" DEBUG "),
@@ -340,6 +319,25 @@ async fn log_level_overrides_the_logging_section() {
 
 /// Stops a daemon (SIGTERM) when the test ends, even a failed one.
 struct StopDaemon(nix::unistd::Pid);
+
+/// The pid a daemon writes to `pidfile` after forking, waited for up to [`DEADLINE`].
+fn wait_for_pid(pidfile: &std::path::Path) -> u32 {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(pid) = std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no pid in {}",
+            pidfile.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
 
 impl Drop for StopDaemon {
     fn drop(&mut self) {
@@ -361,10 +359,12 @@ fn daemon_syslog_lines_carry_the_daemons_pid() {
         syslog.local_addr().unwrap().port()
     );
     let (_config_dir, path) = write_config(&idle_config("", &rest));
-    let launcher = mikkoo(&["-c", path.to_str().unwrap()]).spawn().unwrap();
+    let launcher = mikkoo_command(&["-c", path.to_str().unwrap()]).spawn().unwrap();
     let launcher_pid = launcher.id();
     let output = launcher.wait_with_output().unwrap();
     assert!(output.status.success(), "{output:?}");
+    let daemon = wait_for_pid(&pidfile);
+    let _stop = StopDaemon(nix::unistd::Pid::from_raw(daemon as i32));
 
     let mut buffer = [0u8; 4096];
     let starting = loop {
@@ -379,8 +379,6 @@ fn daemon_syslog_lines_carry_the_daemons_pid() {
         .and_then(|(_, rest)| rest.split_once(']'))
         .and_then(|(pid, _)| pid.parse().ok())
         .unwrap_or_else(|| panic!("no mikkoo[pid] tag: {starting}"));
-    let daemon: u32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
-    let _stop = StopDaemon(nix::unistd::Pid::from_raw(daemon as i32));
     assert_eq!(tagged, daemon, "{starting}");
     assert_ne!(tagged, launcher_pid, "{starting}");
 }
@@ -438,7 +436,7 @@ async fn subcommands_log_warnings_to_stderr_as_json() {
     .map(str::to_owned);
     let (status, stdout, stderr) = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_mikkoo(&args)
+        run_cli(&args)
     })
     .await
     .unwrap();

@@ -902,9 +902,17 @@ impl Drop for Relay {
     }
 }
 
+/// The binary with `args`, its log levels from its arguments and configuration only
+/// (`MIKKOO_LOG` of the test's environment is not passed on).
+pub fn mikkoo_command(args: &[&str]) -> Command {
+    let mut command = Command::new(binary());
+    command.args(args).env_remove("MIKKOO_LOG");
+    command
+}
+
 /// Runs the binary to completion and returns (status, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (ExitStatus, String, String) {
-    let output = Command::new(binary()).args(args).output().expect("run mikkoo");
+    let output = mikkoo_command(args).output().expect("run mikkoo");
     (
         output.status,
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -959,7 +967,12 @@ pub async fn wait_http(port: u16, path: &str, status: u16) -> String {
 
 /// `config` (from [`config_yaml`]) with the HTTP endpoints on 127.0.0.1:`port`.
 pub fn with_http(config: String, port: u16) -> String {
-    format!("{config}  http:\n    listen: \"127.0.0.1:{port}\"\n")
+    format!("{config}{}", http_yaml(port))
+}
+
+/// The `Application.http` lines for 127.0.0.1:`port`.
+pub fn http_yaml(port: u16) -> String {
+    format!("  http:\n    listen: \"127.0.0.1:{port}\"\n")
 }
 
 /// The value of the Prometheus sample `name{queue="queue"}` in `/metrics` text.
