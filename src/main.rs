@@ -214,6 +214,7 @@ fn run(cli: &Cli, overrides: LogOverrides) -> ExitCode {
     let detachable = if cli.foreground {
         None
     } else {
+        warn_if_log_discarded(&config, format);
         match daemon::prepare(&config.daemon) {
             Ok(detachable) => Some(detachable),
             Err(error) => return fatal.exit(&error.to_string()),
@@ -226,13 +227,10 @@ fn run(cli: &Cli, overrides: LogOverrides) -> ExitCode {
     };
     let _pidfile = match detachable {
         None => None,
-        Some(detachable) => {
-            warn_if_log_discarded(&config, format);
-            match detachable.detach() {
-                Ok(pidfile) => pidfile,
-                Err(error) => return fatal.exit(&error.to_string()),
-            }
-        }
+        Some(detachable) => match detachable.detach() {
+            Ok(pidfile) => pidfile,
+            Err(error) => return fatal.exit(&error.to_string()),
+        },
     };
     for warning in &config.warnings {
         tracing::warn!("{warning}");
