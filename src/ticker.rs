@@ -34,9 +34,11 @@ pub async fn run(target: PgTarget, period: Duration, stop: CancellationToken) {
     while !stop.is_cancelled() {
         let session = async {
             match target.connect("mikkoo ticker").await {
-                Ok((client, _connection)) => tick_while_connected(&client, &database, period, &stop, &mut outage)
-                    .await
-                    .map_err(|error| error.to_string()),
+                Ok((client, _connection)) => {
+                    tick_while_connected(&client, &database, period, &stop, &mut outage)
+                        .await
+                        .map_err(|error| error.to_string())
+                }
                 Err(error) => Err(error.to_string()),
             }
         };
