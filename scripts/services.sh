@@ -311,10 +311,11 @@ CONF
 # on $PG_PORT, else the distribution's default (15 on Debian 12, 16 on Ubuntu 24.04).
 choose_pg_version() {
   [ -n "$PG_VERSION" ] && return 0
-  PG_VERSION=$(pg_lsclusters -h 2>/dev/null | awk -v port="$PG_PORT" '$3 == port { print $1; exit }')
+  # `|| true`: on a fresh machine pg_lsclusters is not installed yet.
+  PG_VERSION=$(pg_lsclusters -h 2>/dev/null | awk -v port="$PG_PORT" '$3 == port { print $1; exit }' || true)
   [ -n "$PG_VERSION" ] && return 0
   apt-cache show postgresql >/dev/null 2>&1 || apt_refresh
-  PG_VERSION=$(apt-cache depends postgresql 2>/dev/null | sed -n 's/^ *Depends: postgresql-\([0-9][0-9]*\)$/\1/p' | head -n 1)
+  PG_VERSION=$(apt-cache depends postgresql 2>/dev/null | sed -n 's/^ *Depends: postgresql-\([0-9][0-9]*\)$/\1/p' | head -n 1 || true)
   if [ -z "$PG_VERSION" ]; then
     log "cannot tell which PostgreSQL version to install; set PG_VERSION"
     exit 1

@@ -105,7 +105,15 @@ impl Drop for Detachable {
 pub fn prepare(config: &DaemonConfig) -> Result<Detachable, DaemonError> {
     let identity = resolve_identity(config)?;
     let pidfile = match &config.pidfile {
-        Some(path) => Some((lock_pidfile(path)?, path.clone())),
+        Some(path) => {
+            // Detaching changes directory to `/`: a relative path must be resolved now,
+            // or the pidfile would be removed at the wrong place.
+            let path = std::path::absolute(path).map_err(|e| DaemonError::Pidfile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            Some((lock_pidfile(&path)?, path))
+        }
         None => None,
     };
     Ok(Detachable { identity, pidfile })

@@ -332,6 +332,9 @@ struct ReopeningFile {
 
 impl ReopeningFile {
     fn open(path: PathBuf) -> io::Result<ReopeningFile> {
+        // Absolute, since detaching changes directory to `/` and the path is looked up
+        // again at every line to notice rotation.
+        let path = std::path::absolute(&path)?;
         let file = Self::open_append(&path)?;
         let inode = file.metadata()?.ino();
         Ok(ReopeningFile {

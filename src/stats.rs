@@ -252,6 +252,16 @@ impl WorkerStats {
             .store(progress_deadline_ms(wait_duration), Ordering::Relaxed);
     }
 
+    /// Forgets everything about the worker's connections: disconnected, not blocked,
+    /// nothing in flight, no batch.
+    pub fn reset_connection_state(&self) {
+        self.set_postgres_connected(false);
+        self.set_broker_connected(false);
+        self.set_blocked(None);
+        self.set_in_flight(0);
+        self.set_current_batch(None);
+    }
+
     /// Sets the state.
     pub fn set_state(&self, state: WorkerState) {
         self.state.store(state as u8, Ordering::Relaxed);

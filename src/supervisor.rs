@@ -4,7 +4,7 @@
 //!
 //! Workers are independent tasks; the supervisor never waits on one to serve another.
 //! On reload, workers whose settings did not change are left untouched; removed ones are
-//! stopped gracefully; changed ones are stopped gracefully and started again once the old
+//! stopped gracefully (a queue added back waits for its old worker); changed ones are stopped gracefully and started again once the old
 //! one has finished, so two workers of one queue never run in one process. A restart is
 //! not a stop for good: `unregister: true` does not apply to it (see [`StopSignal`]).
 //! `poll_interval` changes reach running workers without a restart.
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,22 @@ struct RunningWorker {
     stats: Arc<WorkerStats>,
     /// The task running it (and restarting it after a panic).
     handle: JoinHandle<()>,
+    /// Fires once the worker it replaced has stopped (it waits for that to start).
+    after: Option<Stopped>,
+}
+
+/// Fires once a worker, and every worker of its queue before it, has stopped.
+#[derive(Clone)]
+struct Stopped(watch::Receiver<bool>);
+
+impl Stopped {
+    async fn wait(mut self) {
+        let _ = self.0.wait_for(|stopped| *stopped).await;
+    }
+
+    fn is_done(&self) -> bool {
+        *self.0.borrow()
+    }
 }
 
 /// A running built-in ticker for one database.
@@ -58,6 +74,21 @@ pub struct Supervisor {
     poll_interval: watch::Sender<Duration>,
     /// Workers and tickers being stopped after a reload, awaited at shutdown.
     retiring: Vec<JoinHandle<()>>,
+    /// Workers of queues removed by a reload, until they have stopped: a queue that
+    /// comes back waits for its old worker.
+    removed: BTreeMap<String, Retired>,
+}
+
+/// How a worker starts.
+enum Start {
+    /// Its queue has no worker: fresh stats.
+    Fresh,
+    /// It replaces a worker with changed settings: once that one has stopped, with its
+    /// stats.
+    Replacing(Retired),
+    /// Its queue was removed and is back: once the old worker has stopped, with fresh
+    /// stats.
+    Returning(Retired),
 }
 
 /// A worker that ran this long before panicking restarts after the shortest delay again.
@@ -74,9 +105,10 @@ impl Supervisor {
             origin,
             poll_interval: watch::Sender::new(config.application.poll_interval),
             retiring: Vec::new(),
+            removed: BTreeMap::new(),
         };
         for worker in config.application.workers.values() {
-            supervisor.spawn(Arc::new(worker.clone()), None);
+            supervisor.spawn(Arc::new(worker.clone()), Start::Fresh);
         }
         if supervisor.workers.is_empty() {
             tracing::warn!("no workers configured (Application.workers is empty); nothing to relay");
@@ -85,11 +117,12 @@ impl Supervisor {
         supervisor
     }
 
-    /// Starts a worker; when it replaces a `previous` one, only once that one has
-    /// stopped, and with its stats.
-    fn spawn(&mut self, config: Arc<WorkerConfig>, previous: Option<Retired>) {
-        let (stop, stats, after) = match previous {
-            Some(previous) => {
+    /// Starts a worker, after the previous worker of its queue has stopped, if any.
+    fn spawn(&mut self, config: Arc<WorkerConfig>, start: Start) {
+        let fresh_stats = || WorkerStats::new(&config.queue, config.wait_duration);
+        let (stop, stats, after) = match start {
+            Start::Fresh => (StopSignal::new(), fresh_stats(), None),
+            Start::Replacing(previous) => {
                 previous.stats.set_wait_duration(config.wait_duration);
                 (
                     StopSignal::succeeding(previous.stop),
@@ -97,19 +130,20 @@ impl Supervisor {
                     Some(previous.stopped),
                 )
             }
-            None => {
-                let stats = WorkerStats::new(&config.queue, config.wait_duration);
-                self.registry.insert(Arc::clone(&stats));
-                (StopSignal::new(), stats, None)
-            }
+            Start::Returning(previous) => (
+                StopSignal::succeeding(previous.stop),
+                fresh_stats(),
+                Some(previous.stopped),
+            ),
         };
+        self.registry.insert(Arc::clone(&stats));
         let handle = tokio::spawn(keep_running(
             Arc::clone(&config),
             self.origin.clone(),
             self.poll_interval.subscribe(),
             Arc::clone(&stats),
             stop.clone(),
-            after,
+            after.clone(),
         ));
         tracing::info!(queue = %config.queue, "worker started");
         self.workers.insert(
@@ -119,6 +153,7 @@ impl Supervisor {
                 stop,
                 stats,
                 handle,
+                after,
             },
         );
     }
@@ -132,6 +167,8 @@ impl Supervisor {
     /// ones restart, the rest are untouched; tickers follow the databases.
     pub fn apply(&mut self, config: &Config) {
         self.poll_interval.send_replace(config.application.poll_interval);
+        self.retiring.retain(|task| !task.is_finished());
+        self.removed.retain(|_, retired| !retired.stopped.is_done());
         let wanted = &config.application.workers;
         let removed: Vec<String> = self
             .workers
@@ -142,7 +179,8 @@ impl Supervisor {
         for queue in removed {
             tracing::info!(queue = %queue, "queue removed from the configuration; stopping its worker");
             if let Some(retired) = self.retire(&queue, Retirement::ForGood) {
-                self.forget_once_stopped(retired);
+                self.forget_once_stopped(retired.clone());
+                self.removed.insert(queue, retired);
             }
         }
         for (queue, settings) in wanted {
@@ -159,10 +197,17 @@ impl Supervisor {
                         Retirement::ForGood
                     };
                     tracing::info!(queue = %queue, "worker settings changed; restarting it");
-                    let retired = self.retire(queue, retirement);
-                    self.spawn(Arc::new(settings.clone()), retired);
+                    if let Some(retired) = self.retire(queue, retirement) {
+                        self.spawn(Arc::new(settings.clone()), Start::Replacing(retired));
+                    }
                 }
-                None => self.spawn(Arc::new(settings.clone()), None),
+                None => {
+                    let start = match self.removed.remove(queue) {
+                        Some(old) => Start::Returning(old),
+                        None => Start::Fresh,
+                    };
+                    self.spawn(Arc::new(settings.clone()), start);
+                }
             }
         }
         self.apply_tickers(config);
@@ -175,7 +220,8 @@ impl Supervisor {
             Retirement::ForGood => worker.stop.stop(),
             Retirement::ForRestart => worker.stop.stop_for_restart(),
         }
-        let (stopped_tx, stopped) = oneshot::channel();
+        let (stopped_tx, stopped) = watch::channel(false);
+        let after = worker.after;
         self.retiring.push(tokio::spawn(async move {
             stop_within(
                 &worker.config.queue,
@@ -183,10 +229,15 @@ impl Supervisor {
                 worker.config.shutdown_timeout,
             )
             .await;
-            let _ = stopped_tx.send(());
+            // Aborted while still waiting for its own predecessor (whose timeout may be
+            // longer): the queue is only free once that one has stopped too.
+            if let Some(after) = after {
+                after.wait().await;
+            }
+            let _ = stopped_tx.send(true);
         }));
         Some(Retired {
-            stopped,
+            stopped: Stopped(stopped),
             stop: worker.stop,
             stats: worker.stats,
         })
@@ -197,7 +248,7 @@ impl Supervisor {
     fn forget_once_stopped(&mut self, retired: Retired) {
         let registry = Arc::clone(&self.registry);
         self.retiring.push(tokio::spawn(async move {
-            let _ = retired.stopped.await;
+            retired.stopped.wait().await;
             registry.remove_if_same(&retired.stats);
         }));
     }
@@ -254,9 +305,10 @@ impl Supervisor {
 }
 
 /// A worker asked to stop: what its replacement needs.
+#[derive(Clone)]
 struct Retired {
     /// Fires once it has stopped.
-    stopped: oneshot::Receiver<()>,
+    stopped: Stopped,
     /// Its stop signal (a stop for good of the replacement reaches it too).
     stop: StopSignal,
     stats: Arc<WorkerStats>,
@@ -278,10 +330,10 @@ async fn keep_running(
     poll_interval: watch::Receiver<Duration>,
     stats: Arc<WorkerStats>,
     stop: StopSignal,
-    after: Option<oneshot::Receiver<()>>,
+    after: Option<Stopped>,
 ) {
     if let Some(previous_stopped) = after {
-        let _ = previous_stopped.await;
+        previous_stopped.wait().await;
         stop.predecessor_stopped();
     }
     let mut backoff = Backoff::default();

@@ -34,7 +34,8 @@ pub async fn run(target: PgTarget, period: Duration, stop: CancellationToken) {
     while !stop.is_cancelled() {
         let session = async {
             match target.connect("mikkoo ticker").await {
-                Ok((client, _connection)) => {
+                Ok((client, connection)) => {
+                    let _connection = AbortOnDrop(connection);
                     tick_while_connected(&client, &database, period, &stop, &mut outage)
                         .await
                         .map_err(|error| error.to_string())
@@ -55,6 +56,16 @@ pub async fn run(target: PgTarget, period: Duration, stop: CancellationToken) {
             _ = tokio::time::sleep(retry_in) => {}
             _ = stop.cancelled() => {}
         }
+    }
+}
+
+/// Ends the connection's task when dropped: a stopped ticker must not keep its session
+/// (and the ticker's advisory lock) open behind a server that went silent.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -109,6 +109,9 @@ impl Worker {
     /// Runs until stopped. Failures are logged and retried with backoff; they never end
     /// the worker.
     pub async fn run(self) {
+        // The stats may come from the worker this one replaces (or from before a panic):
+        // nothing of its connections holds for this one.
+        self.stats.reset_connection_state();
         let mut links = Links::default();
         let mut backoff = Backoff::default();
         let mut last_status = Instant::now();
@@ -368,8 +371,7 @@ impl Worker {
 
     async fn shut_down(&self, links: Links) {
         self.stats.set_state(WorkerState::Stopped);
-        self.stats.set_postgres_connected(false);
-        self.stats.set_broker_connected(false);
+        self.stats.reset_connection_state();
         if self.config.unregister
             && let Some(link) = &links.pg
             && link.active

@@ -265,6 +265,11 @@ fn json_log_format_writes_only_json_lines_on_errors() {
     assert!(warnings.len() == 1 && warnings[0]["level"] == "WARN", "{stderr}");
     let errors = messages_with(&lines, "names running process");
     assert!(errors.len() == 1 && errors[0]["level"] == "ERROR", "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).unwrap(),
+        format!("{}\n", std::process::id()),
+        "a live process's pidfile is left alone"
+    );
 
     // In the foreground the log is on stderr already: the fatal error is written once.
     let (_held, port) = taken_port();
@@ -318,8 +323,6 @@ async fn log_level_overrides_the_logging_section() {
 }
 
 /// Stops a daemon (SIGTERM) when the test ends, even a failed one.
-struct StopDaemon(nix::unistd::Pid);
-
 /// The pid a daemon writes to `pidfile` after forking, waited for up to [`DEADLINE`].
 fn wait_for_pid(pidfile: &std::path::Path) -> u32 {
     let deadline = std::time::Instant::now() + DEADLINE;
@@ -336,12 +339,6 @@ fn wait_for_pid(pidfile: &std::path::Path) -> u32 {
             pidfile.display()
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-impl Drop for StopDaemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGTERM);
     }
 }
 
@@ -364,7 +361,7 @@ fn daemon_syslog_lines_carry_the_daemons_pid() {
     let output = launcher.wait_with_output().unwrap();
     assert!(output.status.success(), "{output:?}");
     let daemon = wait_for_pid(&pidfile);
-    let _stop = StopDaemon(nix::unistd::Pid::from_raw(daemon as i32));
+    let _stop = DaemonGuard(nix::unistd::Pid::from_raw(daemon as i32));
 
     let mut buffer = [0u8; 4096];
     let starting = loop {

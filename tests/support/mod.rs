@@ -387,6 +387,9 @@ impl Drop for PgQueue {
                 .unwrap();
             runtime.block_on(async move {
                 let client = pg().await;
+                // A failed test may still hold a lock on the queue from a session on its
+                // own (now blocked) runtime: give up rather than hang.
+                let _ = client.batch_execute("SET lock_timeout = '5s'").await;
                 let _ = client.execute("SELECT pgq.drop_queue($1, true)", &[&name]).await;
                 let _ = client
                     .execute("DELETE FROM mikkoo.dead_letter WHERE queue = $1", &[&name])
@@ -899,6 +902,15 @@ impl Drop for Relay {
         if std::thread::panicking() {
             eprintln!("---- relay log ----\n{}", self.log());
         }
+    }
+}
+
+/// Sends SIGTERM to a detached relay when dropped, so a failing test leaves none behind.
+pub struct DaemonGuard(pub nix::unistd::Pid);
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGTERM);
     }
 }
 
