@@ -186,21 +186,7 @@ impl Supervisor {
         for (queue, settings) in wanted {
             match self.workers.get(queue) {
                 Some(running) if *running.config == *settings => {}
-                Some(running) => {
-                    // A different consumer or database is a new subscription: the old
-                    // one is left for good (and unregistered, with `unregister: true`).
-                    let same_subscription = running.config.consumer_name == settings.consumer_name
-                        && running.config.postgres == settings.postgres;
-                    let retirement = if same_subscription {
-                        Retirement::ForRestart
-                    } else {
-                        Retirement::ForGood
-                    };
-                    tracing::info!(queue = %queue, "worker settings changed; restarting it");
-                    if let Some(retired) = self.retire(queue, retirement) {
-                        self.spawn(Arc::new(settings.clone()), Start::Replacing(retired));
-                    }
-                }
+                Some(_) => self.restart(queue, settings),
                 None => {
                     let start = match self.removed.remove(queue) {
                         Some(old) => Start::Returning(old),
@@ -211,6 +197,26 @@ impl Supervisor {
             }
         }
         self.apply_tickers(config);
+    }
+
+    /// Replaces a running worker whose settings changed, once it has stopped.
+    fn restart(&mut self, queue: &str, settings: &WorkerConfig) {
+        let Some(running) = self.workers.get(queue) else {
+            return;
+        };
+        // A different consumer or database is a new subscription: the old one is left for
+        // good (and unregistered, with `unregister: true`).
+        let same_subscription = running.config.consumer_name == settings.consumer_name
+            && running.config.postgres == settings.postgres;
+        let retirement = if same_subscription {
+            Retirement::ForRestart
+        } else {
+            Retirement::ForGood
+        };
+        tracing::info!(queue = %queue, "worker settings changed; restarting it");
+        if let Some(retired) = self.retire(queue, retirement) {
+            self.spawn(Arc::new(settings.clone()), Start::Replacing(retired));
+        }
     }
 
     /// Asks a worker to stop and lets it finish in the background.
