@@ -907,33 +907,16 @@ async fn statsd_over_udp_catches_up_once_its_server_listens() {
     assert!(relay.stop().await.success());
 }
 
-/// A database of its own with pgq and one queue `ticked` that `mikkoo` consumes.
-async fn pgq_database(prefix: &str) -> (String, tokio_postgres::Client, tokio::task::JoinHandle<()>) {
-    let database = unique(prefix);
-    pg().await
-        .execute(&format!("CREATE DATABASE {database}"), &[])
-        .await
-        .unwrap();
-    let url = format!("postgresql://postgres@127.0.0.1:5432/{database}");
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let driver = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-        .batch_execute(
-            "CREATE EXTENSION pgq; SELECT pgq.create_queue('ticked'); \
-             SELECT pgq.register_consumer('ticked', 'mikkoo');",
-        )
-        .await
-        .unwrap();
-    (database, client, driver)
-}
-
 #[tokio::test]
 async fn the_built_in_ticker_backs_off_while_its_database_is_down() {
-    let (database, client, driver) = pgq_database("ticker_down_db").await;
+    // A database of its own (the ticker takes one lock per database), with one queue
+    // `ticked` that `mikkoo` consumes.
+    let db = Database::create("ticker_down_db").await;
+    db.client
+        .batch_execute("SELECT pgq.create_queue('ticked'); SELECT pgq.register_consumer('ticked', 'mikkoo');")
+        .await
+        .unwrap();
+    let database = &db.name;
     // PostgreSQL behind a proxy that refuses connections until started.
     let mut proxy = faults::Proxy::reserved("127.0.0.1:5432").await;
     let url = format!("postgresql://postgres@127.0.0.1:{}/{database}", proxy.port);
@@ -962,10 +945,4 @@ async fn the_built_in_ticker_backs_off_while_its_database_is_down() {
     relay.wait_for_log("pgq ticker reconnected").await;
     relay.wait_for_log("ticking pgq").await;
     assert!(relay.stop().await.success());
-    drop(client);
-    driver.abort();
-    pg().await
-        .execute(&format!("DROP DATABASE {database} WITH (FORCE)"), &[])
-        .await
-        .unwrap();
 }

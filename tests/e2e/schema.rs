@@ -1,50 +1,10 @@
 //! The helper schema, auditing end to end, and dead-letter tooling (SPEC §1, §9).
 
 use lapin::types::AMQPValue;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::support::*;
-
-/// A database of the test's own with pgq, dropped with the guard.
-struct Database {
-    name: String,
-    client: Client,
-}
-
-impl Database {
-    async fn create(prefix: &str) -> Database {
-        let name = unique(prefix);
-        pg().await
-            .execute(&format!("CREATE DATABASE {name}"), &[])
-            .await
-            .unwrap();
-        let url = format!("postgresql://postgres@127.0.0.1:5432/{name}");
-        let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-        tokio::spawn(connection);
-        client.batch_execute("CREATE EXTENSION pgq").await.unwrap();
-        Database { name, client }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let _ = pg()
-                    .await
-                    .execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), &[])
-                    .await;
-            });
-        })
-        .join();
-    }
-}
 
 async fn install(client: &Client) {
     client.batch_execute(mikkoo::schema::MIKKOO_SQL).await.unwrap();

@@ -376,27 +376,67 @@ impl PgQueue {
     }
 }
 
+/// A database of the test's own with pgq, dropped with the guard.
+pub struct Database {
+    pub name: String,
+    pub client: Client,
+}
+
+impl Database {
+    pub async fn create(prefix: &str) -> Database {
+        let name = unique(prefix);
+        pg().await
+            .execute(&format!("CREATE DATABASE {name}"), &[])
+            .await
+            .unwrap();
+        let url = format!("postgresql://postgres@127.0.0.1:5432/{name}");
+        let (client, connection) = tokio_postgres::connect(&url, NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client.batch_execute("CREATE EXTENSION pgq").await.unwrap();
+        Database { name, client }
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        clean_up(async move {
+            let _ = pg()
+                .await
+                .execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"), &[])
+                .await;
+        });
+    }
+}
+
+/// Runs async clean-up from a `Drop` to completion. The test's runtime cannot be
+/// entered from there; a short-lived runtime on a thread of its own can.
+pub fn clean_up(work: impl Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work);
+    })
+    .join();
+}
+
 impl Drop for PgQueue {
     fn drop(&mut self) {
         let name = self.name.clone();
-        // Async clean-up cannot run in Drop; a short-lived runtime on its own thread can.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let client = pg().await;
-                // A failed test may still hold a lock on the queue from a session on its
-                // own (now blocked) runtime: give up rather than hang.
-                let _ = client.batch_execute("SET lock_timeout = '5s'").await;
-                let _ = client.execute("SELECT pgq.drop_queue($1, true)", &[&name]).await;
-                let _ = client
-                    .execute("DELETE FROM mikkoo.dead_letter WHERE queue = $1", &[&name])
-                    .await;
-            });
-        })
-        .join();
+        clean_up(async move {
+            let client = pg().await;
+            // A failed test may still hold a lock on the queue from a session on its
+            // own (now blocked) runtime: give up rather than hang.
+            let _ = client.batch_execute("SET lock_timeout = '5s'").await;
+            let _ = client.execute("SELECT pgq.drop_queue($1, true)", &[&name]).await;
+            let _ = client
+                .execute("DELETE FROM mikkoo.dead_letter WHERE queue = $1", &[&name])
+                .await;
+        });
     }
 }
 
@@ -578,28 +618,21 @@ impl Drop for Sink {
             return;
         }
         let (exchange, queue) = (self.exchange.clone(), self.queue.clone());
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                if let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
-                    && let Ok(channel) = connection.create_channel().await
-                {
-                    let _ = channel
-                        .queue_delete(
-                            queue.as_str().into(),
-                            lapin::options::QueueDeleteOptions::default(),
-                        )
-                        .await;
-                    let _ = channel
-                        .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                        .await;
-                }
-            });
-        })
-        .join();
+        clean_up(async move {
+            if let Ok(connection) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                && let Ok(channel) = connection.create_channel().await
+            {
+                let _ = channel
+                    .queue_delete(
+                        queue.as_str().into(),
+                        lapin::options::QueueDeleteOptions::default(),
+                    )
+                    .await;
+                let _ = channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+        });
     }
 }
 
