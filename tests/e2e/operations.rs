@@ -846,8 +846,17 @@ async fn relay_with_statsd_down(prefix: &str, protocol: &str, port: u16) -> (Rel
     relay
         .wait_for_log("figures are kept and sent once it answers")
         .await;
-    // A few more failed attempts: the outage is still warned about only once.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A few more failed attempts (debug lines, with the next delay): the outage is
+    // still warned about only once.
+    eventually("two more failed attempts to reach statsd", || async {
+        let retries = relay
+            .log()
+            .lines()
+            .filter(|line| line.contains(" DEBUG ") && line.contains("statsd") && line.contains("retry_in="))
+            .count();
+        (retries >= 2).then_some(())
+    })
+    .await;
     let warnings = relay
         .log()
         .matches("figures are kept and sent once it answers")

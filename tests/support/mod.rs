@@ -390,9 +390,7 @@ impl Database {
             .await
             .unwrap();
         let url = format!("postgresql://postgres@127.0.0.1:5432/{name}");
-        let (client, connection) = tokio_postgres::connect(&url, NoTls)
-            .await
-            .unwrap();
+        let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
         tokio::spawn(connection);
         client.batch_execute("CREATE EXTENSION pgq").await.unwrap();
         Database { name, client }
