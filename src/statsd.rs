@@ -3,7 +3,7 @@
 //! Never a packet per event: the workers only bump atomics.
 //!
 //! A statsd server that is down or cannot be resolved costs nothing but one warning per
-//! outage: the reporter keeps trying (with [`Backoff`], up to 30 s apart, resolving the
+//! outage: the reporter keeps trying (with [`Outage`]'s backoff, up to 30 s apart, resolving the
 //! name again each time) and meanwhile sends nothing, so the counters go on adding up
 //! and the first flush that gets through carries everything since the last one.
 
@@ -17,7 +17,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use crate::backoff::Outage;
 use crate::config::{StatsdConfig, StatsdProtocol};
 use crate::metrics::{self, StatsdState};
 use crate::stats::Registry;
@@ -108,10 +108,9 @@ struct Destination {
     address: String,
     protocol: StatsdProtocol,
     socket: Option<Socket>,
-    backoff: Backoff,
+    /// Warned about once when it starts; the backoff between attempts.
+    outage: Outage,
     retry_at: Instant,
-    /// From the first failure until a flush gets through, so an outage warns once.
-    down: bool,
 }
 
 impl Destination {
@@ -120,9 +119,8 @@ impl Destination {
             address: format!("{}:{}", config.host, config.port),
             protocol: config.protocol,
             socket: None,
-            backoff: Backoff::default(),
+            outage: Outage::default(),
             retry_at: Instant::now(),
-            down: false,
         }
     }
 
@@ -174,22 +172,20 @@ impl Destination {
 
     /// Notes a failure: a warning for the first of an outage, then debug lines only.
     fn failed(&mut self, what: &str, error: &dyn fmt::Display) {
-        let retry_in = self.backoff.next_delay();
+        let (retry_in, began) = self.outage.failed();
         self.retry_at = Instant::now() + retry_in;
         let address = &self.address;
-        if self.down {
-            tracing::debug!(%address, %error, ?retry_in, "{what}");
-        } else {
+        if began {
             tracing::warn!(%address, %error, "{what}; figures are kept and sent once it answers");
-            self.down = true;
+        } else {
+            tracing::debug!(%address, %error, ?retry_in, "{what}");
         }
     }
 
     /// Notes a flush that got through, ending an outage.
     fn delivered(&mut self) {
-        self.backoff.reset();
-        if std::mem::take(&mut self.down) {
-            tracing::info!(address = %self.address, "statsd server reachable again");
+        if let Some(down_for) = self.outage.ended() {
+            tracing::info!(address = %self.address, ?down_for, "statsd server reachable again");
         }
     }
 }

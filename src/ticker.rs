@@ -8,9 +8,9 @@
 //! the one holding the ticker's advisory lock ticks; the others retry the lock every
 //! `period`.
 //!
-//! A database that cannot be reached is retried with [`Backoff`] (100 ms doubling to
-//! 30 s, with jitter), like the workers; an outage is logged once when it starts and
-//! once when the ticker is back, not at every attempt.
+//! A database that cannot be reached is retried with the workers' backoff (100 ms
+//! doubling to 30 s, with jitter, through [`backoff::Outage`]); an outage is logged once
+//! when it starts and once when the ticker is back, not at every attempt.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use crate::backoff;
 use crate::pgconn::PgTarget;
 
 /// Advisory lock key of the ticker (advisory locks are per database).
@@ -69,33 +69,30 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The state of one ticker's connection: how long to wait before the next attempt,
-/// and whether the current outage was already reported.
+/// The ticker's view of its database: reported once when an outage starts and once
+/// when it ends.
 struct Outage {
     database: String,
-    backoff: Backoff,
-    since: Option<Instant>,
+    outage: backoff::Outage,
 }
 
 impl Outage {
     fn new(database: String) -> Self {
         Outage {
             database,
-            backoff: Backoff::default(),
-            since: None,
+            outage: backoff::Outage::default(),
         }
     }
 
     /// Notes a failed session or connection attempt; returns the wait before the next.
     /// Only the first failure of an outage is an error line; the rest are debug lines.
     fn failed(&mut self, error: &dyn fmt::Display) -> Duration {
-        let retry_in = self.backoff.next_delay();
+        let (retry_in, began) = self.outage.failed();
         let database = &self.database;
-        if self.since.is_some() {
-            tracing::debug!(%database, %error, ?retry_in, "pgq ticker still failing; retrying");
-        } else {
+        if began {
             tracing::error!(%database, %error, "pgq ticker failed; reconnecting with backoff");
-            self.since = Some(Instant::now());
+        } else {
+            tracing::debug!(%database, %error, ?retry_in, "pgq ticker still failing; retrying");
         }
         retry_in
     }
@@ -104,9 +101,8 @@ impl Outage {
     /// an outage. Judged by the work, not by the connect: a database that accepts
     /// connections but fails every tick (pgq missing) must still back off.
     fn answered(&mut self) {
-        self.backoff.reset();
-        if let Some(since) = self.since.take() {
-            tracing::info!(database = %self.database, down_for = ?since.elapsed(), "pgq ticker reconnected");
+        if let Some(down_for) = self.outage.ended() {
+            tracing::info!(database = %self.database, ?down_for, "pgq ticker reconnected");
         }
     }
 }
